@@ -1,0 +1,92 @@
+//! The one definition of everything the sg kernel programs and the agent share: map names,
+//! map keys and values (their wire layout), counter and drop-reason codes, and the pure
+//! decisions (TCP state transitions, timeout choice, port-range splitting) that both sides
+//! must compute identically.
+//!
+//! Layout rules: every struct is `#[repr(C)]` with explicit `_pad` fields and a size
+//! assertion; addresses and ports are network-order byte arrays; no `bool` or Rust enums
+//! inside map structs. A layout change renames the map with a `_V2` suffix so a pinned map
+//! of the old layout is never reused.
+#![no_std]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod ct;
+pub mod maps;
+pub mod ports;
+
+pub use maps::*;
+
+/// Direction of a packet relative to the enforced interface's owner (the "local" side).
+pub const DIR_INGRESS: u8 = 0;
+pub const DIR_EGRESS: u8 = 1;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// Counter slots, per interface and direction (`Counters::index`).
+pub mod counter {
+    pub const ALLOWED_NEW: u32 = 0;
+    pub const ALLOWED_TRACKED: u32 = 1;
+    pub const ALLOWED_UNTRACKED: u32 = 2;
+    pub const ALLOWED_RELATED: u32 = 3;
+    pub const ALLOWED_FRAGMENT: u32 = 4;
+    pub const INFRASTRUCTURE: u32 = 5;
+    pub const NOT_IP: u32 = 6;
+    /// Allowed stateless (an echo reply or other packet with no flow to open).
+    pub const ALLOWED_STATELESS: u32 = 7;
+    pub const ALLOW_SLOTS: u32 = 16;
+    /// Drop reasons occupy `ALLOW_SLOTS + reason`.
+    pub const fn drop_slot(reason: u32) -> u32 {
+        ALLOW_SLOTS + reason
+    }
+    pub const PER_DIRECTION: u32 = 32;
+    pub const NAMES: [&str; 8] = [
+        "allowed_new",
+        "allowed_tracked",
+        "allowed_untracked",
+        "allowed_related",
+        "allowed_fragment",
+        "infrastructure",
+        "not_ip",
+        "allowed_stateless",
+    ];
+}
+
+/// Why a packet was dropped. One list, shared with user space (status, flow events).
+pub mod drop_reason {
+    pub const POLICY: u32 = 1;
+    pub const TRUNCATED_ETHERNET: u32 = 2;
+    pub const TRUNCATED_IP: u32 = 3;
+    pub const BAD_IHL: u32 = 4;
+    pub const BAD_LENGTH: u32 = 5;
+    pub const TRUNCATED_L4: u32 = 6;
+    pub const EXT_CHAIN_TOO_LONG: u32 = 7;
+    pub const FRAGMENT_ORPHAN: u32 = 8;
+    /// The conntrack table is full: AWS's `conntrack_allowance_exceeded`.
+    pub const CONNTRACK_FULL: u32 = 9;
+    pub const VLAN_TOO_DEEP: u32 = 10;
+    pub const BAD_IP_VERSION: u32 = 11;
+    pub const COUNT: u32 = 12;
+    pub const NAMES: [&str; COUNT as usize] = [
+        "none",
+        "policy",
+        "truncated_ethernet",
+        "truncated_ip",
+        "bad_ihl",
+        "bad_length",
+        "truncated_l4",
+        "ext_chain_too_long",
+        "fragment_orphan",
+        "conntrack_allowance_exceeded",
+        "vlan_too_deep",
+        "bad_ip_version",
+    ];
+}
+
+/// Maximum IPv6 extension headers walked before the packet is dropped as unparseable.
+pub const IPV6_EXT_WALK_LIMIT: usize = 6;

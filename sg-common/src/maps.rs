@@ -1,0 +1,322 @@
+//! Map names, keys and values. One definition, used by `sg-ebpf` and `sg-agent`.
+
+use core::mem::size_of;
+
+// ---- Map names (at most 15 characters; `_V2` suffix when a layout changes) ----
+
+/// Established (assured) connections: hash, written by the datapath on promotion, expired
+/// entries deleted by the agent's GC. New flows can never evict these.
+pub const MAP_CT: &str = "SG_CT";
+/// Embryonic connections (seen in one direction only): LRU hash, so a flood of new flows
+/// only churns this table.
+pub const MAP_CT_NEW: &str = "SG_CT_NEW";
+/// Exact remote addresses (/32: group members, single hosts) → ruleset id. Hash.
+pub const MAP_ADDR4: &str = "SG_ADDR4";
+/// Exact remote addresses (/128) → ruleset id. Hash.
+pub const MAP_ADDR6: &str = "SG_ADDR6";
+/// Remote IPv4 CIDRs (flattened: each prefix carries the union of its containers) → ruleset.
+pub const MAP_NET4: &str = "SG_NET4";
+/// Remote IPv6 CIDRs (flattened) → ruleset id. LPM trie.
+pub const MAP_NET6: &str = "SG_NET6";
+/// Port stage: {ruleset, protocol, port} LPM trie → admitting rule.
+pub const MAP_PORTS: &str = "SG_PORTS";
+/// Per enforced interface: timeouts and flags. Written by the agent.
+pub const MAP_IFACE: &str = "SG_IFACE";
+/// Global settings (array of one): clock offset for tests, event rate limit.
+pub const MAP_GLOBAL: &str = "SG_GLOBAL";
+/// Per-CPU counters per interface (`Counters`), keyed by ifindex.
+pub const MAP_COUNTERS: &str = "SG_COUNTERS";
+/// Per-CPU hit counters per rule id (flows admitted by the rule).
+pub const MAP_RULE_HITS: &str = "SG_RULE_HITS";
+/// Remembered first-fragment verdicts. LRU hash.
+pub const MAP_FRAGS: &str = "SG_FRAGS";
+/// Flow events (admitted, denied) for flow logs. Ring buffer.
+pub const MAP_EVENTS: &str = "SG_EVENTS";
+/// Per-CPU token state for rate-limiting denied-flow events.
+pub const MAP_EVENT_RATE: &str = "SG_EVENT_RATE";
+
+/// Every map the object defines, for pinning and adoption.
+pub const ALL_MAPS: [&str; 14] = [
+    MAP_CT,
+    MAP_CT_NEW,
+    MAP_ADDR4,
+    MAP_ADDR6,
+    MAP_NET4,
+    MAP_NET6,
+    MAP_PORTS,
+    MAP_IFACE,
+    MAP_GLOBAL,
+    MAP_COUNTERS,
+    MAP_RULE_HITS,
+    MAP_FRAGS,
+    MAP_EVENTS,
+    MAP_EVENT_RATE,
+];
+
+// ---- Default sizes (the agent can change them at load time) ----
+pub const DEFAULT_CT_ENTRIES: u32 = 262_144;
+pub const DEFAULT_CT_NEW_ENTRIES: u32 = 65_536;
+pub const DEFAULT_ADDR_ENTRIES: u32 = 524_288;
+pub const DEFAULT_NET_ENTRIES: u32 = 131_072;
+pub const DEFAULT_PORT_ENTRIES: u32 = 262_144;
+pub const DEFAULT_IFACE_ENTRIES: u32 = 256;
+pub const DEFAULT_RULE_ENTRIES: u32 = 131_072;
+pub const DEFAULT_FRAG_ENTRIES: u32 = 16_384;
+pub const EVENTS_BYTES: u32 = 1 << 20;
+
+// ---- Program names ----
+pub const PROG_XDP_INGRESS: &str = "sg_xdp_ingress";
+pub const PROG_TC_INGRESS: &str = "sg_tc_ingress";
+pub const PROG_TC_EGRESS: &str = "sg_tc_egress";
+
+/// Key of the exact-address stage, IPv4. `addr` is network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Addr4Key {
+    pub ifindex: u32,
+    pub direction: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 4],
+}
+const _: () = assert!(size_of::<Addr4Key>() == 12);
+
+/// Key of the exact-address stage, IPv6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Addr6Key {
+    pub ifindex: u32,
+    pub direction: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<Addr6Key>() == 24);
+
+/// LPM data of the CIDR stage, IPv4. The trie compares bits from the start of this struct,
+/// so the LPM prefix length is `NET_KEY_FIXED_BITS + cidr_prefix_len`: interface and
+/// direction always match exactly, the address by its CIDR length. `ifindex` is stored
+/// big-endian so the bit order is the same on every host.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Net4Data {
+    pub ifindex: [u8; 4],
+    pub direction: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 4],
+}
+const _: () = assert!(size_of::<Net4Data>() == 12);
+
+/// LPM data of the CIDR stage, IPv6 (see `Net4Data`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Net6Data {
+    pub ifindex: [u8; 4],
+    pub direction: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<Net6Data>() == 24);
+
+/// Bits of a CIDR-stage key before the address: ifindex (32) + direction and pad (32).
+pub const NET_KEY_FIXED_BITS: u32 = 64;
+
+/// LPM data of the port stage. Prefix length: 32 = every protocol of the ruleset; 40 = one
+/// protocol, every port (or every ICMP type); 40 + n = the first n bits of the port (or of
+/// `icmp_type << 8 | icmp_code`). 56 is one exact port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct PortData {
+    pub ruleset: [u8; 4],
+    pub protocol: u8,
+    pub port: [u8; 2],
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<PortData>() == 8);
+
+pub const PORT_KEY_RULESET_BITS: u32 = 32;
+pub const PORT_KEY_PROTO_BITS: u32 = 40;
+pub const PORT_KEY_FULL_BITS: u32 = 56;
+
+/// Value of the address stages: the ruleset that applies to the remote address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct RulesetRef {
+    pub ruleset: u32,
+}
+const _: () = assert!(size_of::<RulesetRef>() == 4);
+
+/// Port-stage flag: a TCP flow admitted here is untracked (SPEC §1.11).
+pub const GRANT_UNTRACKED_TCP: u32 = 1;
+/// Port-stage flag: a UDP flow admitted here is untracked.
+pub const GRANT_UNTRACKED_UDP: u32 = 2;
+
+/// Value of the port stage: which rule admits the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Grant {
+    pub rule_id: u32,
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<Grant>() == 8);
+
+/// Per enforced interface settings, keyed by ifindex.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct IfaceConfig {
+    pub flags: u32,
+    /// Idle timeouts in seconds, indexed by `ct::TIMEOUT_*`.
+    pub timeouts: [u32; crate::ct::TIMEOUT_COUNT],
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<IfaceConfig>() == 44);
+
+/// Global settings; array map of one element.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct GlobalConfig {
+    /// Added to the boot clock; tests advance it to expire flows without sleeping.
+    pub clock_offset_ns: u64,
+    /// Denied-flow events per second per CPU (0 = none).
+    pub deny_events_per_sec: u32,
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<GlobalConfig>() == 16);
+
+/// Conntrack key. "Local" is the enforced interface's side, so both directions of a flow
+/// build the same key. For ICMP echo `local_port` is the identifier and `remote_port` the
+/// direction the echo request travelled (so only a reply matches the other way); for
+/// protocols without ports both are zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct CtKey {
+    pub ifindex: u32,
+    pub family: u8,
+    pub protocol: u8,
+    pub local_port: [u8; 2],
+    pub remote_port: [u8; 2],
+    pub _pad: [u8; 2],
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+}
+const _: () = assert!(size_of::<CtKey>() == 44);
+
+/// Conntrack value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CtEntry {
+    /// CLOCK_BOOTTIME nanoseconds (plus the global offset) of the last packet.
+    pub last_seen_ns: u64,
+    pub created_ns: u64,
+    /// Indexed by direction (`DIR_INGRESS`, `DIR_EGRESS`).
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+    /// Rule that admitted the flow (0: adopted or unknown).
+    pub rule_id: u32,
+    /// Direction of the packet that opened the flow.
+    pub origin: u8,
+    /// `ct::TCP_*` for TCP, 0 otherwise.
+    pub tcp_state: u8,
+    /// `ct::FLAG_*`.
+    pub flags: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<CtEntry>() == 56);
+
+/// Key of a remembered first-fragment verdict.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragKey {
+    pub ifindex: u32,
+    pub family: u8,
+    pub protocol: u8,
+    pub _pad: [u8; 2],
+    pub id: u32,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+const _: () = assert!(size_of::<FragKey>() == 44);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragEntry {
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+    /// 1 = pass, 0 = drop.
+    pub allowed: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<FragEntry>() == 8);
+
+/// Per-interface counters, both directions: `v[direction * PER_DIRECTION + slot]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Counters {
+    pub v: [u64; 2 * crate::counter::PER_DIRECTION as usize],
+}
+const _: () = assert!(size_of::<Counters>() == 512);
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters { v: [0; 64] }
+    }
+}
+
+impl Counters {
+    #[inline(always)]
+    pub const fn index(direction: u8, slot: u32) -> usize {
+        (direction as u32 * crate::counter::PER_DIRECTION + slot) as usize
+    }
+}
+
+/// Per-CPU rate-limit state of denied-flow events.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct EventRate {
+    pub window_start_ns: u64,
+    pub count: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<EventRate>() == 16);
+
+pub const EVENT_ADMITTED: u8 = 1;
+pub const EVENT_DENIED: u8 = 2;
+
+/// A flow event in the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowEvent {
+    pub time_ns: u64,
+    pub ifindex: u32,
+    pub rule_id: u32,
+    pub kind: u8,
+    pub direction: u8,
+    pub family: u8,
+    pub protocol: u8,
+    pub local_port: [u8; 2],
+    pub remote_port: [u8; 2],
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+}
+const _: () = assert!(size_of::<FlowEvent>() == 56);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: each type is `repr(C)`, `Copy`, made only of integers and byte arrays with
+    // explicit padding, so every bit pattern is valid and there are no implicit holes.
+    unsafe impl aya::Pod for Addr4Key {}
+    unsafe impl aya::Pod for Addr6Key {}
+    unsafe impl aya::Pod for Net4Data {}
+    unsafe impl aya::Pod for Net6Data {}
+    unsafe impl aya::Pod for PortData {}
+    unsafe impl aya::Pod for RulesetRef {}
+    unsafe impl aya::Pod for Grant {}
+    unsafe impl aya::Pod for IfaceConfig {}
+    unsafe impl aya::Pod for GlobalConfig {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragEntry {}
+    unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for EventRate {}
+    unsafe impl aya::Pod for FlowEvent {}
+}

@@ -1,0 +1,276 @@
+//! sg's kernel programs: XDP or TC on ingress, TC on egress, one policy path.
+//!
+//! Per packet: parse (fail closed) → infrastructure and non-IP pass → fragments follow
+//! their first fragment → related ICMP errors → conntrack → on a miss, policy (constant
+//! number of lookups) → open a flow unless the grant makes it untracked.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod account;
+#[cfg(target_arch = "bpf")]
+mod conntrack;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod parse;
+#[cfg(target_arch = "bpf")]
+mod policy;
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    eprintln!("sg-ebpf is built for the BPF target: cargo xtask build-ebpf");
+}
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use aya_ebpf::{
+        bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+        helpers::generated::{bpf_ktime_get_boot_ns, bpf_xdp_get_buff_len},
+        macros::{classifier, xdp},
+        programs::{TcContext, XdpContext},
+    };
+    use sg_common::{counter, drop_reason, *};
+
+    use crate::{
+        account::{count, event, rule_hit},
+        conntrack::{self, echo_kind, Track},
+        maps::{SG_FRAGS, SG_GLOBAL, SG_IFACE},
+        parse::{self, Frame, Ip, Parsed, FRAG_FIRST, FRAG_LATER},
+        policy,
+    };
+
+    struct Xdp<'a>(&'a XdpContext);
+    impl Frame for Xdp<'_> {
+        #[inline(always)]
+        fn start(&self) -> usize {
+            self.0.data()
+        }
+        #[inline(always)]
+        fn end(&self) -> usize {
+            self.0.data_end()
+        }
+        #[inline(always)]
+        fn wire_len(&self) -> u32 {
+            // SAFETY: helper on the program's own context.
+            unsafe { bpf_xdp_get_buff_len(self.0.ctx) as u32 }
+        }
+        #[inline(always)]
+        fn ifindex(&self) -> u32 {
+            self.0.ingress_ifindex() as u32
+        }
+    }
+
+    struct Tc<'a>(&'a TcContext);
+    impl Frame for Tc<'_> {
+        #[inline(always)]
+        fn start(&self) -> usize {
+            self.0.data()
+        }
+        #[inline(always)]
+        fn end(&self) -> usize {
+            self.0.data_end()
+        }
+        #[inline(always)]
+        fn wire_len(&self) -> u32 {
+            self.0.len()
+        }
+        #[inline(always)]
+        fn ifindex(&self) -> u32 {
+            // SAFETY: reading a field of the program's own context.
+            unsafe { (*self.0.skb.skb).ifindex }
+        }
+    }
+
+    #[xdp(frags)]
+    pub fn sg_xdp_ingress(ctx: XdpContext) -> u32 {
+        if process(&Xdp(&ctx), DIR_INGRESS) {
+            xdp_action::XDP_PASS
+        } else {
+            xdp_action::XDP_DROP
+        }
+    }
+
+    #[classifier]
+    pub fn sg_tc_ingress(ctx: TcContext) -> i32 {
+        tc(&ctx, DIR_INGRESS)
+    }
+
+    #[classifier]
+    pub fn sg_tc_egress(ctx: TcContext) -> i32 {
+        tc(&ctx, DIR_EGRESS)
+    }
+
+    /// Headers of a TC packet may sit partly outside the linear buffer; pull enough in
+    /// for the parser, only when they do (pulling costs a copy on cloned skbs).
+    #[inline(always)]
+    fn tc(ctx: &TcContext, dir: u8) -> i32 {
+        const HEADROOM: u32 = 128;
+        let linear = (ctx.data_end() - ctx.data()) as u32;
+        let want = if ctx.len() < HEADROOM { ctx.len() } else { HEADROOM };
+        if linear < want && linear < ctx.len() {
+            let _ = ctx.pull_data(want);
+        }
+        if process(&Tc(ctx), dir) {
+            TC_ACT_OK
+        } else {
+            TC_ACT_SHOT
+        }
+    }
+
+    #[inline(always)]
+    fn now_ns() -> (u64, u32) {
+        // SAFETY: helper without arguments.
+        let boot = unsafe { bpf_ktime_get_boot_ns() };
+        match SG_GLOBAL.get(0) {
+            Some(g) => (boot.wrapping_add(g.clock_offset_ns), g.deny_events_per_sec),
+            None => (boot, 0),
+        }
+    }
+
+    /// The verdict for one packet: `true` passes it.
+    #[inline(always)]
+    fn process(f: &impl Frame, dir: u8) -> bool {
+        let ifindex = f.ifindex();
+        // SAFETY: read-only lookup of a plain-old-data value.
+        let Some(cfg) = (unsafe { SG_IFACE.get(&ifindex) }) else {
+            // Not an enforced interface (the agent detaches before forgetting one).
+            return true;
+        };
+        let ip = match parse::parse(f) {
+            Ok(Parsed::Ip(ip)) => ip,
+            Ok(Parsed::NotIp { arp }) => {
+                count(ifindex, dir, if arp { counter::INFRASTRUCTURE } else { counter::NOT_IP });
+                return true;
+            }
+            Err(reason) => {
+                count(ifindex, dir, counter::drop_slot(reason));
+                return false;
+            }
+        };
+        if ip.frag == FRAG_LATER {
+            return later_fragment(ifindex, dir, &ip);
+        }
+        if parse::is_infrastructure(&ip) {
+            count(ifindex, dir, counter::INFRASTRUCTURE);
+            return true;
+        }
+        let pass = decide(f, cfg, ifindex, dir, &ip);
+        if ip.frag == FRAG_FIRST {
+            remember_fragment(ifindex, &ip, pass);
+        }
+        pass
+    }
+
+    #[inline(always)]
+    fn decide(f: &impl Frame, cfg: &IfaceConfig, ifindex: u32, dir: u8, ip: &Ip) -> bool {
+        let (now, deny_rate) = now_ns();
+        if parse::is_icmp_error(ip.family, ip.protocol, ip.l4.icmp_type) {
+            // The quoted packet travelled the other way; it names the flow it is about.
+            if let Ok(inner) = parse::parse_embedded(f, ip) {
+                if conntrack::exists(&conntrack::key_of(ifindex, 1 - dir, &inner)) {
+                    count(ifindex, dir, counter::ALLOWED_RELATED);
+                    return true;
+                }
+            }
+        }
+        let len = f.wire_len();
+        let key = conntrack::key_of(ifindex, dir, ip);
+        match conntrack::track(&key, ip, dir, cfg, len, now) {
+            Track::Hit => {
+                count(ifindex, dir, counter::ALLOWED_TRACKED);
+                return true;
+            }
+            Track::Full => {
+                count(ifindex, dir, counter::drop_slot(drop_reason::CONNTRACK_FULL));
+                return false;
+            }
+            Track::Miss => {}
+        }
+        let Some(grant) = policy::lookup(ifindex, dir, ip) else {
+            count(ifindex, dir, counter::drop_slot(drop_reason::POLICY));
+            event(EVENT_DENIED, ifindex, dir, ip, 0, now, deny_rate);
+            return false;
+        };
+        let untracked = match ip.protocol {
+            PROTO_TCP => grant.flags & GRANT_UNTRACKED_TCP != 0,
+            PROTO_UDP => grant.flags & GRANT_UNTRACKED_UDP != 0,
+            _ => false,
+        };
+        rule_hit(grant.rule_id);
+        if untracked {
+            count(ifindex, dir, counter::ALLOWED_UNTRACKED);
+            return true;
+        }
+        // Replies, errors and resets open no flow of their own.
+        let (echo, request) = echo_kind(ip.family, ip.protocol, ip.l4.icmp_type);
+        let opens = match ip.protocol {
+            PROTO_ICMP | PROTO_ICMPV6 => !echo || request,
+            PROTO_TCP => ip.l4.tcp_flags & ct::TH_RST == 0,
+            _ => true,
+        };
+        if !opens || parse::is_icmp_error(ip.family, ip.protocol, ip.l4.icmp_type) {
+            count(ifindex, dir, counter::ALLOWED_STATELESS);
+            return true;
+        }
+        conntrack::open(&key, ip, dir, grant.rule_id, len, now);
+        count(ifindex, dir, counter::ALLOWED_NEW);
+        event(EVENT_ADMITTED, ifindex, dir, ip, grant.rule_id, now, deny_rate);
+        true
+    }
+
+    #[inline(always)]
+    fn frag_key(ifindex: u32, ip: &Ip) -> FragKey {
+        FragKey {
+            ifindex,
+            family: ip.family,
+            protocol: ip.protocol,
+            _pad: [0; 2],
+            id: ip.frag_id,
+            src: ip.src,
+            dst: ip.dst,
+        }
+    }
+
+    #[inline(always)]
+    fn remember_fragment(ifindex: u32, ip: &Ip, pass: bool) {
+        let entry = FragEntry {
+            src_port: ip.l4.sport.to_be_bytes(),
+            dst_port: ip.l4.dport.to_be_bytes(),
+            allowed: pass as u8,
+            _pad: [0; 3],
+        };
+        let _ = SG_FRAGS.insert(&frag_key(ifindex, ip), &entry, 0);
+    }
+
+    /// A non-first fragment follows its first fragment's verdict; with none remembered
+    /// (lost, evicted or forged), it is dropped.
+    #[inline(always)]
+    fn later_fragment(ifindex: u32, dir: u8, ip: &Ip) -> bool {
+        // SAFETY: read-only lookup.
+        match unsafe { SG_FRAGS.get(&frag_key(ifindex, ip)) } {
+            Some(e) if e.allowed != 0 => {
+                count(ifindex, dir, counter::ALLOWED_FRAGMENT);
+                true
+            }
+            Some(_) => {
+                count(ifindex, dir, counter::drop_slot(drop_reason::POLICY));
+                false
+            }
+            None => {
+                count(ifindex, dir, counter::drop_slot(drop_reason::FRAGMENT_ORPHAN));
+                false
+            }
+        }
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

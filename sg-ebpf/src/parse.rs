@@ -1,0 +1,338 @@
+//! Packet parsing: Ethernet (two VLAN tags), IPv4 with options, IPv6 with extension
+//! headers, fragments, and the L4 fields policy and conntrack need. Anything that cannot
+//! be parsed with certainty is an error with a drop reason; fail closed.
+
+use core::mem::size_of;
+
+use sg_common::{drop_reason as dr, *};
+
+/// A packet buffer: XDP or TC.
+pub trait Frame {
+    fn start(&self) -> usize;
+    fn end(&self) -> usize;
+    /// Length of the whole frame, including data outside the directly readable part.
+    fn wire_len(&self) -> u32;
+    fn ifindex(&self) -> u32;
+}
+
+/// The one bounds check: a pointer to a `T` at `off`, or `Err` when it is not all inside
+/// the readable part of the frame.
+#[inline(always)]
+pub fn ptr_at<T>(f: &impl Frame, off: usize) -> Result<*const T, ()> {
+    let start = f.start();
+    if start + off + size_of::<T>() > f.end() {
+        return Err(());
+    }
+    Ok((start + off) as *const T)
+}
+
+#[inline(always)]
+fn read<T: Copy>(f: &impl Frame, off: usize, reason: u32) -> Result<T, u32> {
+    let p = ptr_at::<T>(f, off).map_err(|_| reason)?;
+    // SAFETY: `ptr_at` checked that `size_of::<T>()` bytes at `p` are in the frame, and `T`
+    // is a byte array (alignment 1).
+    Ok(unsafe { core::ptr::read_unaligned(p) })
+}
+
+#[inline(always)]
+fn be16(b: [u8; 2]) -> u16 {
+    u16::from_be_bytes(b)
+}
+
+pub const FRAG_NONE: u8 = 0;
+pub const FRAG_FIRST: u8 = 1;
+pub const FRAG_LATER: u8 = 2;
+
+/// What the datapath knows about an IP packet.
+#[derive(Clone, Copy)]
+pub struct Ip {
+    pub family: u8,
+    pub protocol: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub l4: L4,
+    pub frag: u8,
+    pub frag_id: u32,
+    /// Offset of the L4 header.
+    pub l4_off: usize,
+}
+
+/// L4 fields. Ports are host order. For ICMP, `sport` is the echo identifier.
+#[derive(Clone, Copy, Default)]
+pub struct L4 {
+    pub sport: u16,
+    pub dport: u16,
+    pub tcp_flags: u8,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+}
+
+pub enum Parsed {
+    Ip(Ip),
+    /// Not IP (including ARP): security groups do not filter it.
+    NotIp { arp: bool },
+}
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_ARP: u16 = 0x0806;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+
+/// Parses the frame from the Ethernet header on.
+#[inline(always)]
+pub fn parse(f: &impl Frame) -> Result<Parsed, u32> {
+    let mut proto = be16(read::<[u8; 2]>(f, 12, dr::TRUNCATED_ETHERNET)?);
+    let mut off = 14usize;
+    // Up to two VLAN tags (802.1ad outer, 802.1Q inner).
+    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+        proto = be16(read::<[u8; 2]>(f, off + 2, dr::TRUNCATED_ETHERNET)?);
+        off += 4;
+        if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+            proto = be16(read::<[u8; 2]>(f, off + 2, dr::TRUNCATED_ETHERNET)?);
+            off += 4;
+            if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+                return Err(dr::VLAN_TOO_DEEP);
+            }
+        }
+    }
+    match proto {
+        ETH_P_IP => parse_ipv4(f, off).map(Parsed::Ip),
+        ETH_P_IPV6 => parse_ipv6(f, off).map(Parsed::Ip),
+        ETH_P_ARP => Ok(Parsed::NotIp { arp: true }),
+        _ => Ok(Parsed::NotIp { arp: false }),
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(f: &impl Frame, off: usize) -> Result<Ip, u32> {
+    let h = read::<[u8; 20]>(f, off, dr::TRUNCATED_IP)?;
+    if h[0] >> 4 != 4 {
+        return Err(dr::BAD_IP_VERSION);
+    }
+    let ihl = ((h[0] & 0x0f) as usize) * 4;
+    if ihl < 20 {
+        return Err(dr::BAD_IHL);
+    }
+    let total = be16([h[2], h[3]]) as usize;
+    let available = (f.wire_len() as usize).saturating_sub(off);
+    if total < ihl || total > available {
+        return Err(dr::BAD_LENGTH);
+    }
+    let frag_field = be16([h[6], h[7]]);
+    let frag = if frag_field & 0x1fff != 0 {
+        FRAG_LATER
+    } else if frag_field & 0x2000 != 0 {
+        FRAG_FIRST
+    } else {
+        FRAG_NONE
+    };
+    let mut ip = Ip {
+        family: FAMILY_V4,
+        protocol: h[9],
+        src: [0; 16],
+        dst: [0; 16],
+        l4: L4::default(),
+        frag,
+        frag_id: be16([h[4], h[5]]) as u32,
+        l4_off: off + ihl,
+    };
+    ip.src[..4].copy_from_slice(&h[12..16]);
+    ip.dst[..4].copy_from_slice(&h[16..20]);
+    // Options must be present in full.
+    if ihl > 20 {
+        read::<[u8; 1]>(f, off + ihl - 1, dr::TRUNCATED_IP)?;
+    }
+    if frag != FRAG_LATER {
+        ip.l4 = parse_l4(f, ip.protocol, ip.l4_off)?;
+    }
+    Ok(ip)
+}
+
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_DEST: u8 = 60;
+
+#[inline(always)]
+fn parse_ipv6(f: &impl Frame, off: usize) -> Result<Ip, u32> {
+    let h = read::<[u8; 40]>(f, off, dr::TRUNCATED_IP)?;
+    if h[0] >> 4 != 6 {
+        return Err(dr::BAD_IP_VERSION);
+    }
+    let payload = be16([h[4], h[5]]) as usize;
+    let available = (f.wire_len() as usize).saturating_sub(off + 40);
+    // A zero payload length with a hop-by-hop header is a jumbogram (RFC 2675).
+    if payload > available || (payload == 0 && h[6] != NEXTHDR_HOP && h[6] != 59) {
+        return Err(dr::BAD_LENGTH);
+    }
+    let mut ip = Ip {
+        family: FAMILY_V6,
+        protocol: h[6],
+        src: [0; 16],
+        dst: [0; 16],
+        l4: L4::default(),
+        frag: FRAG_NONE,
+        frag_id: 0,
+        l4_off: off + 40,
+    };
+    ip.src.copy_from_slice(&h[8..24]);
+    ip.dst.copy_from_slice(&h[24..40]);
+    let mut next = ip.protocol;
+    let mut pos = off + 40;
+    let mut walked = 0usize;
+    while walked < IPV6_EXT_WALK_LIMIT {
+        match next {
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                let e = read::<[u8; 2]>(f, pos, dr::TRUNCATED_IP)?;
+                next = e[0];
+                pos += (e[1] as usize + 1) * 8;
+            }
+            NEXTHDR_AUTH => {
+                let e = read::<[u8; 2]>(f, pos, dr::TRUNCATED_IP)?;
+                next = e[0];
+                pos += (e[1] as usize + 2) * 4;
+            }
+            NEXTHDR_FRAGMENT => {
+                let e = read::<[u8; 8]>(f, pos, dr::TRUNCATED_IP)?;
+                next = e[0];
+                let frag_field = be16([e[2], e[3]]);
+                ip.frag = if frag_field & 0xfff8 != 0 {
+                    FRAG_LATER
+                } else if frag_field & 1 != 0 {
+                    FRAG_FIRST
+                } else {
+                    FRAG_NONE
+                };
+                ip.frag_id = u32::from_be_bytes([e[4], e[5], e[6], e[7]]);
+                pos += 8;
+            }
+            _ => break,
+        }
+        walked += 1;
+    }
+    if matches!(
+        next,
+        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT
+    ) {
+        return Err(dr::EXT_CHAIN_TOO_LONG);
+    }
+    // Keep the offset provably small for the verifier (the walk adds at most ~12 KiB).
+    if pos > 0x3fff {
+        return Err(dr::TRUNCATED_IP);
+    }
+    ip.protocol = next;
+    ip.l4_off = pos & 0x3fff;
+    if ip.frag != FRAG_LATER {
+        ip.l4 = parse_l4(f, ip.protocol, ip.l4_off)?;
+    }
+    Ok(ip)
+}
+
+#[inline(always)]
+fn parse_l4(f: &impl Frame, protocol: u8, off: usize) -> Result<L4, u32> {
+    let mut l4 = L4::default();
+    match protocol {
+        PROTO_TCP => {
+            let t = read::<[u8; 20]>(f, off, dr::TRUNCATED_L4)?;
+            l4.sport = be16([t[0], t[1]]);
+            l4.dport = be16([t[2], t[3]]);
+            if t[12] >> 4 < 5 {
+                return Err(dr::TRUNCATED_L4);
+            }
+            l4.tcp_flags = t[13];
+        }
+        PROTO_UDP => {
+            let u = read::<[u8; 8]>(f, off, dr::TRUNCATED_L4)?;
+            l4.sport = be16([u[0], u[1]]);
+            l4.dport = be16([u[2], u[3]]);
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            let i = read::<[u8; 8]>(f, off, dr::TRUNCATED_L4)?;
+            l4.icmp_type = i[0];
+            l4.icmp_code = i[1];
+            l4.sport = be16([i[4], i[5]]);
+        }
+        _ => {}
+    }
+    Ok(l4)
+}
+
+/// Whether an ICMP message is an error that carries the header of the packet it is about.
+#[inline(always)]
+pub fn is_icmp_error(family: u8, protocol: u8, icmp_type: u8) -> bool {
+    match (family, protocol) {
+        (FAMILY_V4, PROTO_ICMP) => matches!(icmp_type, 3 | 11 | 12),
+        (FAMILY_V6, PROTO_ICMPV6) => matches!(icmp_type, 1..=4),
+        _ => false,
+    }
+}
+
+/// The header embedded in an ICMP error: the packet that caused it, as it was sent.
+#[inline(always)]
+pub fn parse_embedded(f: &impl Frame, outer: &Ip) -> Result<Ip, u32> {
+    let off = outer.l4_off + 8;
+    let mut ip = Ip {
+        family: outer.family,
+        protocol: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        l4: L4::default(),
+        frag: FRAG_NONE,
+        frag_id: 0,
+        l4_off: 0,
+    };
+    if outer.family == FAMILY_V4 {
+        let h = read::<[u8; 20]>(f, off, dr::TRUNCATED_L4)?;
+        let ihl = ((h[0] & 0x0f) as usize) * 4;
+        if h[0] >> 4 != 4 || ihl < 20 {
+            return Err(dr::BAD_IHL);
+        }
+        ip.protocol = h[9];
+        ip.src[..4].copy_from_slice(&h[12..16]);
+        ip.dst[..4].copy_from_slice(&h[16..20]);
+        ip.l4_off = off + ihl;
+    } else {
+        let h = read::<[u8; 40]>(f, off, dr::TRUNCATED_L4)?;
+        ip.protocol = h[6];
+        ip.src.copy_from_slice(&h[8..24]);
+        ip.dst.copy_from_slice(&h[24..40]);
+        ip.l4_off = off + 40;
+    }
+    // The error quotes at least the first 8 bytes of the L4 header: ports or echo id.
+    let q = read::<[u8; 8]>(f, ip.l4_off, dr::TRUNCATED_L4)?;
+    match ip.protocol {
+        PROTO_TCP | PROTO_UDP => {
+            ip.l4.sport = be16([q[0], q[1]]);
+            ip.l4.dport = be16([q[2], q[3]]);
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            ip.l4.icmp_type = q[0];
+            ip.l4.icmp_code = q[1];
+            ip.l4.sport = be16([q[4], q[5]]);
+        }
+        _ => {}
+    }
+    Ok(ip)
+}
+
+/// Infrastructure traffic that security groups never filter (SPEC §1.12): IPv6 neighbour
+/// and router discovery, MLD, DHCPv4 and DHCPv6.
+#[inline(always)]
+pub fn is_infrastructure(ip: &Ip) -> bool {
+    match ip.protocol {
+        PROTO_ICMPV6 if ip.family == FAMILY_V6 && ip.frag == FRAG_NONE => {
+            matches!(ip.l4.icmp_type, 130..=137 | 143)
+        }
+        PROTO_UDP if ip.frag == FRAG_NONE => {
+            let (s, d) = (ip.l4.sport, ip.l4.dport);
+            if ip.family == FAMILY_V4 {
+                (s == 68 && d == 67) || (s == 67 && d == 68)
+            } else {
+                (s == 546 && d == 547) || (s == 547 && d == 546)
+            }
+        }
+        _ => false,
+    }
+}
