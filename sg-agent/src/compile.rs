@@ -79,14 +79,22 @@ impl PortPrefix {
     /// This prefix shortened to `len` bits.
     pub fn parent(&self, len: u32) -> PortPrefix {
         let len = len.min(self.len);
-        let protocol = if len >= PORT_KEY_PROTO_BITS { self.protocol } else { 0 };
+        let protocol = if len >= PORT_KEY_PROTO_BITS {
+            self.protocol
+        } else {
+            0
+        };
         let port_bits = len.saturating_sub(PORT_KEY_PROTO_BITS);
         let port = if port_bits == 0 {
             0
         } else {
             self.port & (u16::MAX << (16 - port_bits))
         };
-        PortPrefix { protocol, port, len }
+        PortPrefix {
+            protocol,
+            port,
+            len,
+        }
     }
 }
 
@@ -138,7 +146,14 @@ impl PlanVerdict {
 impl Plan {
     /// Mirrors the kernel's policy lookup exactly: interface present, then the longest
     /// prefix of the remote address, then the longest port-stage prefix.
-    pub fn lookup(&self, ifindex: u32, direction: Direction, remote: IpAddr, protocol: u8, port: u16) -> PlanVerdict {
+    pub fn lookup(
+        &self,
+        ifindex: u32,
+        direction: Direction,
+        remote: IpAddr,
+        protocol: u8,
+        port: u16,
+    ) -> PlanVerdict {
         if !self.interfaces.contains_key(&ifindex) {
             return PlanVerdict::NotEnforced;
         }
@@ -180,8 +195,16 @@ impl Plan {
             MapOp::DeleteInterface { ifindex } => {
                 self.interfaces.remove(ifindex);
             }
-            MapOp::PutPort { ruleset, prefix, grant } => {
-                self.rulesets.entry(*ruleset).or_default().ports.insert(*prefix, *grant);
+            MapOp::PutPort {
+                ruleset,
+                prefix,
+                grant,
+            } => {
+                self.rulesets
+                    .entry(*ruleset)
+                    .or_default()
+                    .ports
+                    .insert(*prefix, *grant);
             }
             MapOp::DeletePort { ruleset, prefix } => {
                 if let Some(r) = self.rulesets.get_mut(ruleset) {
@@ -202,7 +225,12 @@ impl Plan {
 }
 
 /// Compiles the state for the given local interfaces. `previous` keeps ids stable.
-pub fn compile(state: &State, locals: &[LocalInterface], options: &Options, previous: Option<&Plan>) -> Plan {
+pub fn compile(
+    state: &State,
+    locals: &[LocalInterface],
+    options: &Options,
+    previous: Option<&Plan>,
+) -> Plan {
     let empty = Plan::default();
     let previous = previous.unwrap_or(&empty);
     let mut plan = Plan {
@@ -212,7 +240,12 @@ pub fn compile(state: &State, locals: &[LocalInterface], options: &Options, prev
     let rule_ids: HashMap<(&str, Direction, usize), u32> = plan
         .rules
         .iter()
-        .map(|(id, info)| ((info.key.group.as_str(), info.key.direction, info.index), *id))
+        .map(|(id, info)| {
+            (
+                (info.key.group.as_str(), info.key.direction, info.index),
+                *id,
+            )
+        })
         .collect();
     let members = members_by_group(state);
     let mut interner = Interner::new(previous);
@@ -234,7 +267,10 @@ pub fn compile(state: &State, locals: &[LocalInterface], options: &Options, prev
                     for cidr in expand_peers(state, &members, rule) {
                         let flags = untracked_flags(rule, &cidr, &opposite_all);
                         let fam = (cidr.family() == Family::V6) as usize;
-                        by_family[fam].entry(cidr).or_default().insert(RuleGrant { rule_id, flags });
+                        by_family[fam]
+                            .entry(cidr)
+                            .or_default()
+                            .insert(RuleGrant { rule_id, flags });
                     }
                 }
             }
@@ -269,7 +305,8 @@ pub fn compile(state: &State, locals: &[LocalInterface], options: &Options, prev
 }
 
 fn assign_rule_ids(state: &State, previous: &Plan) -> BTreeMap<u32, RuleInfo> {
-    let known: HashMap<&RuleKey, u32> = previous.rules.iter().map(|(id, r)| (&r.key, *id)).collect();
+    let known: HashMap<&RuleKey, u32> =
+        previous.rules.iter().map(|(id, r)| (&r.key, *id)).collect();
     let mut keys = Vec::new();
     for g in &state.security_groups {
         for direction in Direction::BOTH {
@@ -355,7 +392,11 @@ struct Interner {
 impl Interner {
     fn new(previous: &Plan) -> Self {
         Interner {
-            previous: previous.rulesets.iter().map(|(id, r)| (r.grants.clone(), *id)).collect(),
+            previous: previous
+                .rulesets
+                .iter()
+                .map(|(id, r)| (r.grants.clone(), *id))
+                .collect(),
             ids: HashMap::new(),
             used: BTreeMap::new(),
             fresh: IdAllocator::new(previous.rulesets.keys().copied()),
@@ -371,7 +412,13 @@ impl Interner {
             None => self.fresh.next(),
         };
         let ports = port_entries(&grants, rules);
-        self.used.insert(id, Ruleset { grants: grants.clone(), ports });
+        self.used.insert(
+            id,
+            Ruleset {
+                grants: grants.clone(),
+                ports,
+            },
+        );
         self.ids.insert(grants, id);
         id
     }
@@ -382,7 +429,10 @@ fn members_by_group(state: &State) -> HashMap<&str, Vec<IpAddr>> {
     let mut members: HashMap<&str, Vec<IpAddr>> = HashMap::new();
     for eni in &state.network_interfaces {
         for g in &eni.groups {
-            members.entry(g.as_str()).or_default().extend(eni.addresses());
+            members
+                .entry(g.as_str())
+                .or_default()
+                .extend(eni.addresses());
         }
     }
     members
@@ -394,31 +444,37 @@ pub fn expand_peers<'a>(
     members: &'a HashMap<&str, Vec<IpAddr>>,
     rule: &'a Rule,
 ) -> impl Iterator<Item = Cidr> + 'a {
-    rule.peers.iter().flat_map(move |peer| -> Box<dyn Iterator<Item = Cidr> + 'a> {
-        match peer {
-            Peer::Cidr(c) => Box::new(std::iter::once(*c)),
-            Peer::Group(g) => Box::new(
-                members
-                    .get(g.as_str())
-                    .into_iter()
-                    .flatten()
-                    .map(|a| Cidr::host(*a)),
-            ),
-            Peer::PrefixList(p) => Box::new(
-                state
-                    .prefix_list(p)
-                    .into_iter()
-                    .flat_map(|pl| pl.entries.iter().copied()),
-            ),
-        }
-    })
+    rule.peers
+        .iter()
+        .flat_map(move |peer| -> Box<dyn Iterator<Item = Cidr> + 'a> {
+            match peer {
+                Peer::Cidr(c) => Box::new(std::iter::once(*c)),
+                Peer::Group(g) => Box::new(
+                    members
+                        .get(g.as_str())
+                        .into_iter()
+                        .flatten()
+                        .map(|a| Cidr::host(*a)),
+                ),
+                Peer::PrefixList(p) => Box::new(
+                    state
+                        .prefix_list(p)
+                        .into_iter()
+                        .flat_map(|pl| pl.entries.iter().copied()),
+                ),
+            }
+        })
 }
 
 /// Per family (v4, v6) and protocol (tcp, udp): whether `direction` has a rule allowing all
 /// traffic of the protocol on every port from/to 0.0.0.0/0 or ::/0.
 type AllowsAll = [[bool; 2]; 2];
 
-fn opposite_allows_all(state: &State, groups: &[&crate::model::SecurityGroup], direction: Direction) -> AllowsAll {
+fn opposite_allows_all(
+    state: &State,
+    groups: &[&crate::model::SecurityGroup],
+    direction: Direction,
+) -> AllowsAll {
     let mut all = [[false; 2]; 2];
     for g in groups {
         for rule in g.rules(direction) {
@@ -426,7 +482,9 @@ fn opposite_allows_all(state: &State, groups: &[&crate::model::SecurityGroup], d
                 continue;
             }
             for (p, proto) in [PROTO_TCP, PROTO_UDP].into_iter().enumerate() {
-                if !matches!(rule.protocol, Protocol::All) && rule.protocol != Protocol::Number(proto) {
+                if !matches!(rule.protocol, Protocol::All)
+                    && rule.protocol != Protocol::Number(proto)
+                {
                     continue;
                 }
                 for cidr in expand_peers(state, &HashMap::new(), rule) {
@@ -448,11 +506,15 @@ fn untracked_flags(rule: &Rule, cidr: &Cidr, opposite: &AllowsAll) -> u32 {
     }
     let fam = (cidr.family() == Family::V6) as usize;
     let mut flags = 0;
-    for (p, (proto, flag)) in [(PROTO_TCP, GRANT_UNTRACKED_TCP), (PROTO_UDP, GRANT_UNTRACKED_UDP)]
-        .into_iter()
-        .enumerate()
+    for (p, (proto, flag)) in [
+        (PROTO_TCP, GRANT_UNTRACKED_TCP),
+        (PROTO_UDP, GRANT_UNTRACKED_UDP),
+    ]
+    .into_iter()
+    .enumerate()
     {
-        let admits = matches!(rule.protocol, Protocol::All) || rule.protocol == Protocol::Number(proto);
+        let admits =
+            matches!(rule.protocol, Protocol::All) || rule.protocol == Protocol::Number(proto);
         if admits && opposite[fam][p] {
             flags |= flag;
         }
@@ -513,7 +575,11 @@ pub fn port_prefixes(rule_protocol: Protocol, ports: PortMatch, mut f: impl FnMu
         } if rule_protocol.is_icmp() => f(PortPrefix {
             protocol: proto,
             port: (t as u16) << 8 | code.unwrap_or(0) as u16,
-            len: if code.is_some() { PORT_KEY_FULL_BITS } else { PORT_KEY_PROTO_BITS + 8 },
+            len: if code.is_some() {
+                PORT_KEY_FULL_BITS
+            } else {
+                PORT_KEY_PROTO_BITS + 8
+            },
         }),
         _ => f(whole),
     }
@@ -521,10 +587,15 @@ pub fn port_prefixes(rule_protocol: Protocol, ports: PortMatch, mut f: impl FnMu
 
 /// The port-stage entries of a ruleset, flattened: each entry's flags are the union of
 /// the flags of every entry containing it; its rule is its own (the most specific).
-fn port_entries(grants: &BTreeSet<RuleGrant>, rules: &BTreeMap<u32, RuleInfo>) -> BTreeMap<PortPrefix, Grant> {
+fn port_entries(
+    grants: &BTreeSet<RuleGrant>,
+    rules: &BTreeMap<u32, RuleInfo>,
+) -> BTreeMap<PortPrefix, Grant> {
     let mut raw: BTreeMap<PortPrefix, Grant> = BTreeMap::new();
     for g in grants {
-        let Some(rule) = rules.get(&g.rule_id) else { continue };
+        let Some(rule) = rules.get(&g.rule_id) else {
+            continue;
+        };
         port_prefixes(rule.key.protocol, rule.key.ports, |p| {
             let e = raw.entry(p).or_insert(Grant {
                 rule_id: g.rule_id,
@@ -549,12 +620,29 @@ fn port_entries(grants: &BTreeSet<RuleGrant>, rules: &BTreeMap<u32, RuleInfo>) -
 /// One update of one map, in the order the datapath must apply it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapOp {
-    PutInterface { ifindex: u32, plan: InterfacePlan },
-    DeleteInterface { ifindex: u32 },
-    PutPort { ruleset: u32, prefix: PortPrefix, grant: Grant },
-    DeletePort { ruleset: u32, prefix: PortPrefix },
-    PutPrefix { key: PrefixKey, ruleset: u32 },
-    DeletePrefix { key: PrefixKey },
+    PutInterface {
+        ifindex: u32,
+        plan: InterfacePlan,
+    },
+    DeleteInterface {
+        ifindex: u32,
+    },
+    PutPort {
+        ruleset: u32,
+        prefix: PortPrefix,
+        grant: Grant,
+    },
+    DeletePort {
+        ruleset: u32,
+        prefix: PortPrefix,
+    },
+    PutPrefix {
+        key: PrefixKey,
+        ruleset: u32,
+    },
+    DeletePrefix {
+        key: PrefixKey,
+    },
 }
 
 /// The ordered map operations that turn `old` into `new`, such that no intermediate state
@@ -593,8 +681,13 @@ pub fn diff(old: &Plan, new: &Plan) -> Vec<MapOp> {
         .filter(|(k, v)| old.prefixes.get(k) != Some(v))
         .map(|(k, v)| (k, *v))
         .collect();
-    puts.sort_by_key(|(k, _)| std::cmp::Reverse(k.cidr.len() as u32 + if k.cidr.family() == Family::V4 { 96 } else { 0 }));
-    ops.extend(puts.into_iter().map(|(key, ruleset)| MapOp::PutPrefix { key: *key, ruleset }));
+    puts.sort_by_key(|(k, _)| {
+        std::cmp::Reverse(k.cidr.len() as u32 + if k.cidr.family() == Family::V4 { 96 } else { 0 })
+    });
+    ops.extend(
+        puts.into_iter()
+            .map(|(key, ruleset)| MapOp::PutPrefix { key: *key, ruleset }),
+    );
     for (ifindex, plan) in &new.interfaces {
         if !old.interfaces.contains_key(ifindex) {
             ops.push(MapOp::PutInterface {

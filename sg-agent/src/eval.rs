@@ -83,7 +83,9 @@ fn peer_has_any(state: &State, peer: &Peer, family: Family) -> bool {
     match peer {
         Peer::Cidr(c) => any(c),
         Peer::Group(_) => false,
-        Peer::PrefixList(p) => state.prefix_list(p).is_some_and(|pl| pl.entries.iter().any(any)),
+        Peer::PrefixList(p) => state
+            .prefix_list(p)
+            .is_some_and(|pl| pl.entries.iter().any(any)),
     }
 }
 
@@ -110,7 +112,13 @@ pub fn evaluate(state: &State, eni: &str, packet: &Packet, default_deny: bool) -
                 }
                 if peer_has_any(state, peer, family)
                     && matches!(packet.protocol, PROTO_TCP | PROTO_UDP)
-                    && opposite_allows_all(state, &groups, packet.direction.opposite(), packet.protocol, family)
+                    && opposite_allows_all(
+                        state,
+                        &groups,
+                        packet.direction.opposite(),
+                        packet.protocol,
+                        family,
+                    )
                 {
                     untracked = true;
                 }
@@ -134,7 +142,13 @@ pub fn evaluate(state: &State, eni: &str, packet: &Packet, default_deny: bool) -
     }
 }
 
-fn opposite_allows_all(state: &State, groups: &[&SecurityGroup], direction: Direction, protocol: u8, family: Family) -> bool {
+fn opposite_allows_all(
+    state: &State,
+    groups: &[&SecurityGroup],
+    direction: Direction,
+    protocol: u8,
+    family: Family,
+) -> bool {
     groups.iter().flat_map(|g| g.rules(direction)).any(|r| {
         (r.protocol == Protocol::All || r.protocol == Protocol::Number(protocol))
             && match r.ports {

@@ -78,11 +78,17 @@ impl Protocol {
     }
 
     pub fn has_ports(self) -> bool {
-        matches!(self, Protocol::Number(sg_common::PROTO_TCP | sg_common::PROTO_UDP))
+        matches!(
+            self,
+            Protocol::Number(sg_common::PROTO_TCP | sg_common::PROTO_UDP)
+        )
     }
 
     pub fn is_icmp(self) -> bool {
-        matches!(self, Protocol::Number(sg_common::PROTO_ICMP | sg_common::PROTO_ICMPV6))
+        matches!(
+            self,
+            Protocol::Number(sg_common::PROTO_ICMP | sg_common::PROTO_ICMPV6)
+        )
     }
 }
 
@@ -107,7 +113,10 @@ pub enum PortMatch {
     /// TCP/UDP destination ports, inclusive.
     Ports { from: u16, to: u16 },
     /// ICMP type and code; `None` is `-1` (any).
-    Icmp { icmp_type: Option<u8>, code: Option<u8> },
+    Icmp {
+        icmp_type: Option<u8>,
+        code: Option<u8>,
+    },
 }
 
 impl PortMatch {
@@ -270,7 +279,11 @@ pub struct Problem {
 }
 
 impl Problem {
-    pub fn new(object: impl Into<String>, field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn new(
+        object: impl Into<String>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         Problem {
             object: object.into(),
             field: field.into(),
@@ -330,8 +343,11 @@ impl State {
     pub fn validate(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
         let groups: BTreeSet<&str> = self.security_groups.iter().map(|g| g.id.as_str()).collect();
-        let lists: BTreeMap<&str, &PrefixList> =
-            self.prefix_lists.iter().map(|p| (p.id.as_str(), p)).collect();
+        let lists: BTreeMap<&str, &PrefixList> = self
+            .prefix_lists
+            .iter()
+            .map(|p| (p.id.as_str(), p))
+            .collect();
 
         duplicates(
             self.security_groups.iter().map(|g| g.id.as_str()),
@@ -348,7 +364,12 @@ impl State {
             interface_object,
             &mut problems,
         );
-        check_timeouts(&self.settings.timeouts, "settings", "timeouts", &mut problems);
+        check_timeouts(
+            &self.settings.timeouts,
+            "settings",
+            "timeouts",
+            &mut problems,
+        );
 
         for g in &self.security_groups {
             let object = group_object(&g.id);
@@ -369,7 +390,10 @@ impl State {
                     problems.push(Problem::new(
                         &object,
                         format!("entries[{i}]"),
-                        format!("{c} is not an {} CIDR (AddressFamily is {})", p.family, p.family),
+                        format!(
+                            "{c} is not an {} CIDR (AddressFamily is {})",
+                            p.family, p.family
+                        ),
                     ));
                 }
             }
@@ -388,7 +412,11 @@ impl State {
             }
             let distinct: BTreeSet<&String> = n.groups.iter().collect();
             if distinct.len() != n.groups.len() {
-                problems.push(Problem::new(&object, "groups", "lists a security group twice"));
+                problems.push(Problem::new(
+                    &object,
+                    "groups",
+                    "lists a security group twice",
+                ));
             }
             if n.groups.len() > MAX_GROUPS_PER_INTERFACE {
                 problems.push(Problem::new(
@@ -431,7 +459,12 @@ fn duplicates<'a>(
     }
 }
 
-fn check_timeouts(t: &BTreeMap<String, u32>, object: &str, field: &str, problems: &mut Vec<Problem>) {
+fn check_timeouts(
+    t: &BTreeMap<String, u32>,
+    object: &str,
+    field: &str,
+    problems: &mut Vec<Problem>,
+) {
     for (name, value) in t {
         if !sg_common::ct::TIMEOUT_NAMES.contains(&name.as_str()) {
             problems.push(Problem::new(
@@ -443,7 +476,11 @@ fn check_timeouts(t: &BTreeMap<String, u32>, object: &str, field: &str, problems
                 ),
             ));
         } else if *value == 0 {
-            problems.push(Problem::new(object, format!("{field}.{name}"), "must be at least 1 second"));
+            problems.push(Problem::new(
+                object,
+                format!("{field}.{name}"),
+                "must be at least 1 second",
+            ));
         }
     }
 }
@@ -472,7 +509,11 @@ fn check_rule(
             ));
         }
     }
-    if let PortMatch::Icmp { icmp_type: None, code: Some(_) } = rule.ports {
+    if let PortMatch::Icmp {
+        icmp_type: None,
+        code: Some(_),
+    } = rule.ports
+    {
         problems.push(Problem::new(
             object,
             format!("{at}.icmp_code"),
@@ -483,21 +524,36 @@ fn check_rule(
         problems.push(Problem::new(
             object,
             format!("{at}.icmp_type"),
-            format!("ICMP type and code apply only to icmp and icmpv6, not {}", rule.protocol),
+            format!(
+                "ICMP type and code apply only to icmp and icmpv6, not {}",
+                rule.protocol
+            ),
         ));
     }
     if rule.peers.is_empty() {
-        problems.push(Problem::new(object, format!("{at}.peers"), "a rule needs at least one peer"));
+        problems.push(Problem::new(
+            object,
+            format!("{at}.peers"),
+            "a rule needs at least one peer",
+        ));
     }
     for (j, peer) in rule.peers.iter().enumerate() {
         let field = format!("{at}.peers[{j}]");
         match peer {
             Peer::Cidr(_) => {}
             Peer::Group(g) if !groups.contains(g.as_str()) => {
-                problems.push(Problem::new(object, field, format!("unknown security group {g:?}")));
+                problems.push(Problem::new(
+                    object,
+                    field,
+                    format!("unknown security group {g:?}"),
+                ));
             }
             Peer::PrefixList(p) if !lists.contains_key(p.as_str()) => {
-                problems.push(Problem::new(object, field, format!("unknown prefix list {p:?}")));
+                problems.push(Problem::new(
+                    object,
+                    field,
+                    format!("unknown prefix list {p:?}"),
+                ));
             }
             _ => {}
         }

@@ -108,7 +108,12 @@ impl Cidr {
 
     pub fn addr(&self) -> IpAddr {
         match self.family {
-            Family::V4 => IpAddr::V4(Ipv4Addr::new(self.addr[0], self.addr[1], self.addr[2], self.addr[3])),
+            Family::V4 => IpAddr::V4(Ipv4Addr::new(
+                self.addr[0],
+                self.addr[1],
+                self.addr[2],
+                self.addr[3],
+            )),
             Family::V6 => IpAddr::V6(Ipv6Addr::from(self.addr)),
         }
     }
@@ -164,11 +169,11 @@ impl FromStr for Cidr {
             .parse()
             .map_err(|_| CidrError(format!("{s:?} is not a CIDR: bad address {addr:?}")))?;
         let max = Family::of(&addr).bits();
-        let len: u8 = len
-            .parse()
-            .ok()
-            .filter(|l| *l <= max)
-            .ok_or_else(|| CidrError(format!("{s:?} is not a CIDR: prefix length must be 0-{max}")))?;
+        let len: u8 = len.parse().ok().filter(|l| *l <= max).ok_or_else(|| {
+            CidrError(format!(
+                "{s:?} is not a CIDR: prefix length must be 0-{max}"
+            ))
+        })?;
         let cidr = Cidr::truncate(addr, len);
         if cidr.addr() != addr {
             return Err(CidrError(format!(
@@ -185,11 +190,26 @@ mod tests {
 
     #[test]
     fn parses_and_rejects_cidrs() {
-        let ok = ["0.0.0.0/0", "198.18.0.0/15", "198.18.0.5/32", "::/0", "2001:db8::/32", "2001:db8::1/128"];
+        let ok = [
+            "0.0.0.0/0",
+            "198.18.0.0/15",
+            "198.18.0.5/32",
+            "::/0",
+            "2001:db8::/32",
+            "2001:db8::1/128",
+        ];
         for s in ok {
             assert_eq!(s.parse::<Cidr>().unwrap().to_string(), s, "{s}");
         }
-        let bad = ["198.18.0.5/24", "198.18.0.0", "198.18.0.0/33", "2001:db8::/129", "x/8", "10.0.0.0/-1", "2001:db8::1/64"];
+        let bad = [
+            "198.18.0.5/24",
+            "198.18.0.0",
+            "198.18.0.0/33",
+            "2001:db8::/129",
+            "x/8",
+            "10.0.0.0/-1",
+            "2001:db8::1/64",
+        ];
         for s in bad {
             assert!(s.parse::<Cidr>().is_err(), "{s}");
         }

@@ -34,8 +34,22 @@ impl fmt::Display for StateError {
                 writeln!(f)?;
             }
             match p.line {
-                Some(line) => write!(f, "{}:{line}: {}: {}: {}", self.file.display(), p.object, p.field, p.message)?,
-                None => write!(f, "{}: {}: {}: {}", self.file.display(), p.object, p.field, p.message)?,
+                Some(line) => write!(
+                    f,
+                    "{}:{line}: {}: {}: {}",
+                    self.file.display(),
+                    p.object,
+                    p.field,
+                    p.message
+                )?,
+                None => write!(
+                    f,
+                    "{}: {}: {}: {}",
+                    self.file.display(),
+                    p.object,
+                    p.field,
+                    p.message
+                )?,
             }
         }
         Ok(())
@@ -52,7 +66,10 @@ pub struct LoadedState {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Reads, parses and validates a state file.
@@ -96,14 +113,20 @@ pub fn parse_str(text: &str) -> Result<State, Vec<Problem>> {
 /// A peer id that names a prefix list is a prefix-list reference, whatever its spelling
 /// (and likewise for groups): ids are resolved against the whole state.
 fn resolve_peer_kinds(mut state: State) -> State {
-    let groups: std::collections::BTreeSet<String> = state.security_groups.iter().map(|g| g.id.clone()).collect();
-    let lists: std::collections::BTreeSet<String> = state.prefix_lists.iter().map(|p| p.id.clone()).collect();
+    let groups: std::collections::BTreeSet<String> =
+        state.security_groups.iter().map(|g| g.id.clone()).collect();
+    let lists: std::collections::BTreeSet<String> =
+        state.prefix_lists.iter().map(|p| p.id.clone()).collect();
     for g in &mut state.security_groups {
         for rule in g.ingress.iter_mut().chain(g.egress.iter_mut()) {
             for peer in &mut rule.peers {
                 match peer {
-                    Peer::Group(id) if !groups.contains(id) && lists.contains(id) => *peer = Peer::PrefixList(id.clone()),
-                    Peer::PrefixList(id) if !lists.contains(id) && groups.contains(id) => *peer = Peer::Group(id.clone()),
+                    Peer::Group(id) if !groups.contains(id) && lists.contains(id) => {
+                        *peer = Peer::PrefixList(id.clone())
+                    }
+                    Peer::PrefixList(id) if !lists.contains(id) && groups.contains(id) => {
+                        *peer = Peer::Group(id.clone())
+                    }
                     _ => {}
                 }
             }
@@ -113,7 +136,11 @@ fn resolve_peer_kinds(mut state: State) -> State {
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].bytes().filter(|b| *b == b'\n').count() + 1
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|b| *b == b'\n')
+        .count()
+        + 1
 }
 
 /// A peer string: a CIDR, else a prefix list id (`pl-…`), else a group id.
@@ -123,7 +150,9 @@ fn parse_peer(s: &str) -> Result<Peer, String> {
         return s.parse::<Cidr>().map(Peer::Cidr).map_err(|e| e.to_string());
     }
     if s.parse::<std::net::IpAddr>().is_ok() {
-        return Err(format!("{s:?} is an address, not a CIDR: write {s}/32 (or /128)"));
+        return Err(format!(
+            "{s:?} is an address, not a CIDR: write {s}/32 (or /128)"
+        ));
     }
     if s.is_empty() {
         return Err("empty peer".into());
@@ -137,7 +166,11 @@ fn parse_peer(s: &str) -> Result<Peer, String> {
 
 fn normalize_mac(s: &str) -> Result<String, String> {
     let parts: Vec<&str> = s.split([':', '-']).collect();
-    if parts.len() != 6 || parts.iter().any(|p| p.len() != 2 || u8::from_str_radix(p, 16).is_err()) {
+    if parts.len() != 6
+        || parts
+            .iter()
+            .any(|p| p.len() != 2 || u8::from_str_radix(p, 16).is_err())
+    {
         return Err(format!("{s:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"));
     }
     Ok(parts.join(":").to_ascii_lowercase())
@@ -324,19 +357,28 @@ mod native {
                 pr.line = Some(line);
                 problems.push(pr);
             };
-            let mac = n.mac.as_deref().and_then(|m| normalize_mac(m).map_err(|e| err("mac".into(), e)).ok());
+            let mac = n
+                .mac
+                .as_deref()
+                .and_then(|m| normalize_mac(m).map_err(|e| err("mac".into(), e)).ok());
             let mut ipv4 = Vec::new();
             for (i, a) in n.ipv4.iter().enumerate() {
                 match a.parse::<Ipv4Addr>() {
                     Ok(a) => ipv4.push(a),
-                    Err(_) => err(format!("ipv4[{i}]"), format!("{a:?} is not an IPv4 address")),
+                    Err(_) => err(
+                        format!("ipv4[{i}]"),
+                        format!("{a:?} is not an IPv4 address"),
+                    ),
                 }
             }
             let mut ipv6 = Vec::new();
             for (i, a) in n.ipv6.iter().enumerate() {
                 match a.parse::<Ipv6Addr>() {
                     Ok(a) => ipv6.push(a),
-                    Err(_) => err(format!("ipv6[{i}]"), format!("{a:?} is not an IPv6 address")),
+                    Err(_) => err(
+                        format!("ipv6[{i}]"),
+                        format!("{a:?} is not an IPv6 address"),
+                    ),
                 }
             }
             state.network_interfaces.push(NetworkInterface {
@@ -381,7 +423,10 @@ mod native {
         let ports = match (&r.ports, r.icmp_type, r.icmp_code) {
             (Some(p), None, None) => {
                 if !protocol.has_ports() {
-                    return Err((format!("{at}.ports"), format!("ports apply only to tcp and udp, not {protocol}")));
+                    return Err((
+                        format!("{at}.ports"),
+                        format!("ports apply only to tcp and udp, not {protocol}"),
+                    ));
                 }
                 parse_ports(p).map_err(|m| (format!("{at}.ports"), m))?
             }
@@ -396,9 +441,9 @@ mod native {
                 let field = |v: Option<i64>, name: &str| -> Result<Option<u8>, (String, String)> {
                     match v {
                         None | Some(-1) => Ok(None),
-                        Some(n) => u8::try_from(n)
-                            .map(Some)
-                            .map_err(|_| (format!("{at}.{name}"), format!("{n} is not -1 or 0-255"))),
+                        Some(n) => u8::try_from(n).map(Some).map_err(|_| {
+                            (format!("{at}.{name}"), format!("{n} is not -1 or 0-255"))
+                        }),
                     }
                 };
                 PortMatch::Icmp {
@@ -407,7 +452,10 @@ mod native {
                 }
             }
             (Some(_), _, _) => {
-                return Err((format!("{at}.ports"), "give either ports or icmp_type/icmp_code, not both".into()))
+                return Err((
+                    format!("{at}.ports"),
+                    "give either ports or icmp_type/icmp_code, not both".into(),
+                ))
             }
         };
         let (peers_field, peers, other, other_name) = match dir {
@@ -421,7 +469,10 @@ mod native {
             ));
         }
         if peers.is_empty() {
-            return Err((format!("{at}.{peers_field}"), "a rule needs at least one peer".into()));
+            return Err((
+                format!("{at}.{peers_field}"),
+                "a rule needs at least one peer".into(),
+            ));
         }
         let mut out = Vec::new();
         for (j, p) in peers.iter().enumerate() {
@@ -437,13 +488,18 @@ mod native {
 
     fn parse_ports(p: &StrOrInt) -> Result<PortMatch, String> {
         let port = |s: &str| -> Result<u16, String> {
-            s.trim().parse::<u16>().map_err(|_| format!("{s:?} is not a port 0-65535"))
+            s.trim()
+                .parse::<u16>()
+                .map_err(|_| format!("{s:?} is not a port 0-65535"))
         };
         match p {
             StrOrInt::Int(n) => u16::try_from(*n)
                 .map(|n| PortMatch::Ports { from: n, to: n })
                 .map_err(|_| format!("{n} is not a port 0-65535")),
-            StrOrInt::Str(s) if s.trim() == "all" || s.trim() == "*" => Ok(PortMatch::Ports { from: 0, to: u16::MAX }),
+            StrOrInt::Str(s) if s.trim() == "all" || s.trim() == "*" => Ok(PortMatch::Ports {
+                from: 0,
+                to: u16::MAX,
+            }),
             StrOrInt::Str(s) => match s.split_once('-') {
                 Some((a, b)) => Ok(PortMatch::Ports {
                     from: port(a)?,
@@ -625,7 +681,11 @@ mod aws {
                 "ipv4" => Family::V4,
                 "ipv6" => Family::V6,
                 other => {
-                    problems.push(Problem::new(&object, "AddressFamily", format!("{other:?} is not IPv4 or IPv6")));
+                    problems.push(Problem::new(
+                        &object,
+                        "AddressFamily",
+                        format!("{other:?} is not IPv4 or IPv6"),
+                    ));
                     Family::V4
                 }
             };
@@ -633,11 +693,17 @@ mod aws {
             for (i, e) in pl.entries.iter().enumerate() {
                 match e.cidr.parse::<Cidr>() {
                     Ok(c) => entries.push(c),
-                    Err(m) => problems.push(Problem::new(&object, format!("Entries[{i}].Cidr"), m.to_string())),
+                    Err(m) => problems.push(Problem::new(
+                        &object,
+                        format!("Entries[{i}].Cidr"),
+                        m.to_string(),
+                    )),
                 }
             }
             state.prefix_lists.push(PrefixList {
-                name: pl.prefix_list_name.unwrap_or_else(|| pl.prefix_list_id.clone()),
+                name: pl
+                    .prefix_list_name
+                    .unwrap_or_else(|| pl.prefix_list_id.clone()),
                 id: pl.prefix_list_id,
                 family,
                 entries,
@@ -651,17 +717,25 @@ mod aws {
                     .ok()
             });
             let mut ipv4 = Vec::new();
-            let primary = n.private_ip_address.iter().map(|a| (a.as_str(), "PrivateIpAddress".to_string()));
-            let listed = n
-                .private_ip_addresses
+            let primary = n
+                .private_ip_address
                 .iter()
-                .enumerate()
-                .map(|(i, a)| (a.private_ip_address.as_str(), format!("PrivateIpAddresses[{i}].PrivateIpAddress")));
+                .map(|a| (a.as_str(), "PrivateIpAddress".to_string()));
+            let listed = n.private_ip_addresses.iter().enumerate().map(|(i, a)| {
+                (
+                    a.private_ip_address.as_str(),
+                    format!("PrivateIpAddresses[{i}].PrivateIpAddress"),
+                )
+            });
             for (a, field) in primary.chain(listed) {
                 match a.parse::<Ipv4Addr>() {
                     Ok(a) if !ipv4.contains(&a) => ipv4.push(a),
                     Ok(_) => {}
-                    Err(_) => problems.push(Problem::new(&object, field, format!("{a:?} is not an IPv4 address"))),
+                    Err(_) => problems.push(Problem::new(
+                        &object,
+                        field,
+                        format!("{a:?} is not an IPv4 address"),
+                    )),
                 }
             }
             let mut ipv6 = Vec::new();
@@ -707,17 +781,22 @@ mod aws {
         .ok_or_else(|| {
             (
                 format!("{at}.IpProtocol"),
-                format!("unknown protocol {}; use tcp, udp, icmp, icmpv6, -1 or a number 0-255", p.ip_protocol),
+                format!(
+                    "unknown protocol {}; use tcp, udp, icmp, icmpv6, -1 or a number 0-255",
+                    p.ip_protocol
+                ),
             )
         })?;
         let ports = if protocol.has_ports() {
-            let port = |v: Option<i64>, name: &str, default: u16| -> Result<u16, (String, String)> {
-                match v {
-                    None | Some(-1) => Ok(default),
-                    Some(n) => u16::try_from(n)
-                        .map_err(|_| (format!("{at}.{name}"), format!("{n} is not a port 0-65535"))),
-                }
-            };
+            let port =
+                |v: Option<i64>, name: &str, default: u16| -> Result<u16, (String, String)> {
+                    match v {
+                        None | Some(-1) => Ok(default),
+                        Some(n) => u16::try_from(n).map_err(|_| {
+                            (format!("{at}.{name}"), format!("{n} is not a port 0-65535"))
+                        }),
+                    }
+                };
             PortMatch::Ports {
                 from: port(p.from_port, "FromPort", 0)?,
                 to: port(p.to_port, "ToPort", u16::MAX)?,
@@ -726,9 +805,12 @@ mod aws {
             let field = |v: Option<i64>, name: &str| -> Result<Option<u8>, (String, String)> {
                 match v {
                     None | Some(-1) => Ok(None),
-                    Some(n) => u8::try_from(n)
-                        .map(Some)
-                        .map_err(|_| (format!("{at}.{name}"), format!("{n} is not -1 or an ICMP value 0-255"))),
+                    Some(n) => u8::try_from(n).map(Some).map_err(|_| {
+                        (
+                            format!("{at}.{name}"),
+                            format!("{n} is not -1 or an ICMP value 0-255"),
+                        )
+                    }),
                 }
             };
             PortMatch::Icmp {
@@ -741,9 +823,15 @@ mod aws {
         let mut peers = Vec::new();
         let mut description = None;
         for (i, r) in p.ip_ranges.iter().enumerate() {
-            let c = r.cidr_ip.parse::<Cidr>().map_err(|m| (format!("{at}.IpRanges[{i}].CidrIp"), m.to_string()))?;
+            let c = r
+                .cidr_ip
+                .parse::<Cidr>()
+                .map_err(|m| (format!("{at}.IpRanges[{i}].CidrIp"), m.to_string()))?;
             if c.family() != Family::V4 {
-                return Err((format!("{at}.IpRanges[{i}].CidrIp"), format!("{c} is not an IPv4 CIDR")));
+                return Err((
+                    format!("{at}.IpRanges[{i}].CidrIp"),
+                    format!("{c} is not an IPv4 CIDR"),
+                ));
             }
             peers.push(Peer::Cidr(c));
             description = description.or(r.description.clone());
@@ -754,7 +842,10 @@ mod aws {
                 .parse::<Cidr>()
                 .map_err(|m| (format!("{at}.Ipv6Ranges[{i}].CidrIpv6"), m.to_string()))?;
             if c.family() != Family::V6 {
-                return Err((format!("{at}.Ipv6Ranges[{i}].CidrIpv6"), format!("{c} is not an IPv6 CIDR")));
+                return Err((
+                    format!("{at}.Ipv6Ranges[{i}].CidrIpv6"),
+                    format!("{c} is not an IPv6 CIDR"),
+                ));
             }
             peers.push(Peer::Cidr(c));
             description = description.or(r.description.clone());

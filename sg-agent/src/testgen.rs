@@ -11,7 +11,10 @@ use std::{
 use crate::{
     compile::LocalInterface,
     eval::Packet,
-    model::{Direction, NetworkInterface, Peer, PortMatch, PrefixList, Protocol, Rule, SecurityGroup, State},
+    model::{
+        Direction, NetworkInterface, Peer, PortMatch, PrefixList, Protocol, Rule, SecurityGroup,
+        State,
+    },
     net::{Cidr, Family},
 };
 
@@ -47,11 +50,25 @@ impl Rng {
 
 /// A v4 address of the pool: 198.18.x.y with few distinct values.
 pub fn pool_v4(rng: &mut Rng) -> Ipv4Addr {
-    Ipv4Addr::new(198, 18 + rng.below(2) as u8, rng.below(3) as u8, rng.below(6) as u8 * 50)
+    Ipv4Addr::new(
+        198,
+        18 + rng.below(2) as u8,
+        rng.below(3) as u8,
+        rng.below(6) as u8 * 50,
+    )
 }
 
 pub fn pool_v6(rng: &mut Rng) -> Ipv6Addr {
-    Ipv6Addr::new(0x2001, 0xdb8, rng.below(2) as u16, 0, 0, 0, rng.below(3) as u16, rng.below(6) as u16 * 50)
+    Ipv6Addr::new(
+        0x2001,
+        0xdb8,
+        rng.below(2) as u16,
+        0,
+        0,
+        0,
+        rng.below(3) as u16,
+        rng.below(6) as u16 * 50,
+    )
 }
 
 pub fn pool_addr(rng: &mut Rng) -> IpAddr {
@@ -64,8 +81,14 @@ pub fn pool_addr(rng: &mut Rng) -> IpAddr {
 
 fn cidr(rng: &mut Rng, family: Family) -> Cidr {
     match family {
-        Family::V4 => Cidr::truncate(IpAddr::V4(pool_v4(rng)), *rng.pick(&[0, 8, 15, 16, 23, 24, 26, 31, 32])),
-        Family::V6 => Cidr::truncate(IpAddr::V6(pool_v6(rng)), *rng.pick(&[0, 32, 47, 48, 64, 110, 127, 128])),
+        Family::V4 => Cidr::truncate(
+            IpAddr::V4(pool_v4(rng)),
+            *rng.pick(&[0, 8, 15, 16, 23, 24, 26, 31, 32]),
+        ),
+        Family::V6 => Cidr::truncate(
+            IpAddr::V6(pool_v6(rng)),
+            *rng.pick(&[0, 32, 47, 48, 64, 110, 127, 128]),
+        ),
     }
 }
 
@@ -80,23 +103,46 @@ const PROTOCOLS: [Protocol; 7] = [
 ];
 
 fn port(rng: &mut Rng) -> u16 {
-    *rng.pick(&[0, 1, 22, 53, 79, 80, 81, 443, 1023, 1024, 3306, 8080, 65534, 65535])
+    *rng.pick(&[
+        0, 1, 22, 53, 79, 80, 81, 443, 1023, 1024, 3306, 8080, 65534, 65535,
+    ])
 }
 
 fn rule(rng: &mut Rng, groups: &[String], lists: &[String]) -> Rule {
     let protocol = *rng.pick(&PROTOCOLS);
     let ports = if protocol.has_ports() {
         if rng.chance(20) {
-            PortMatch::Ports { from: 0, to: u16::MAX }
+            PortMatch::Ports {
+                from: 0,
+                to: u16::MAX,
+            }
         } else {
             let a = port(rng);
             let b = if rng.chance(50) { a } else { port(rng) };
-            PortMatch::Ports { from: a.min(b), to: a.max(b) }
+            PortMatch::Ports {
+                from: a.min(b),
+                to: a.max(b),
+            }
         }
     } else if protocol.is_icmp() {
-        let t = *rng.pick(&[None, Some(0), Some(3), Some(8), Some(128), Some(129), Some(2)]);
-        let c = if t.is_some() { *rng.pick(&[None, Some(0), Some(4)]) } else { None };
-        PortMatch::Icmp { icmp_type: t, code: c }
+        let t = *rng.pick(&[
+            None,
+            Some(0),
+            Some(3),
+            Some(8),
+            Some(128),
+            Some(129),
+            Some(2),
+        ]);
+        let c = if t.is_some() {
+            *rng.pick(&[None, Some(0), Some(4)])
+        } else {
+            None
+        };
+        PortMatch::Icmp {
+            icmp_type: t,
+            code: c,
+        }
     } else {
         PortMatch::Any
     };
@@ -104,7 +150,11 @@ fn rule(rng: &mut Rng, groups: &[String], lists: &[String]) -> Rule {
     for _ in 0..1 + rng.below(3) {
         let kind = rng.below(10);
         let peer = if kind < 5 || (groups.is_empty() && lists.is_empty()) {
-            let family = if rng.chance(60) { Family::V4 } else { Family::V6 };
+            let family = if rng.chance(60) {
+                Family::V4
+            } else {
+                Family::V6
+            };
             Peer::Cidr(cidr(rng, family))
         } else if kind < 8 && !groups.is_empty() {
             Peer::Group(rng.pick(groups).clone())
@@ -130,7 +180,11 @@ pub fn state(rng: &mut Rng, interfaces: usize) -> State {
     let prefix_lists = list_ids
         .iter()
         .map(|id| {
-            let family = if rng.chance(50) { Family::V4 } else { Family::V6 };
+            let family = if rng.chance(50) {
+                Family::V4
+            } else {
+                Family::V6
+            };
             PrefixList {
                 id: id.clone(),
                 name: id.clone(),
@@ -156,7 +210,11 @@ pub fn state(rng: &mut Rng, interfaces: usize) -> State {
         .collect();
     let network_interfaces = (0..interfaces.max(1) + rng.below(3) as usize)
         .map(|i| {
-            let mut groups: Vec<String> = group_ids.iter().filter(|_| rng.chance(50)).cloned().collect();
+            let mut groups: Vec<String> = group_ids
+                .iter()
+                .filter(|_| rng.chance(50))
+                .cloned()
+                .collect();
             groups.dedup();
             NetworkInterface {
                 id: format!("eni-{i}"),
@@ -192,7 +250,11 @@ pub fn locals(state: &State, n: usize) -> Vec<LocalInterface> {
 
 /// A random packet as policy sees it.
 pub fn packet(rng: &mut Rng) -> Packet {
-    let direction = if rng.chance(50) { Direction::Ingress } else { Direction::Egress };
+    let direction = if rng.chance(50) {
+        Direction::Ingress
+    } else {
+        Direction::Egress
+    };
     let remote = pool_addr(rng);
     let protocol = *rng.pick(&[6u8, 6, 17, 17, 1, 58, 47, 132]);
     let port = match protocol {

@@ -30,7 +30,11 @@ fn plan(state: &State) -> Plan {
 }
 
 fn ifindex(state: &State, eni: &str) -> u32 {
-    locals(state).iter().find(|l| l.eni == eni).expect("eni").ifindex
+    locals(state)
+        .iter()
+        .find(|l| l.eni == eni)
+        .expect("eni")
+        .ifindex
 }
 
 /// One case: interface, direction, protocol, remote, port (or ICMP type<<8|code), verdict.
@@ -42,8 +46,21 @@ fn check(name: &str, text: &str, cases: &[Case]) {
     let p = plan(&s);
     for (i, &(eni, direction, protocol, remote, port, want)) in cases.iter().enumerate() {
         let remote: IpAddr = remote.parse().unwrap();
-        let got = p.lookup(ifindex(&s, eni), direction, remote, protocol, port).allows();
-        let reference = evaluate(&s, eni, &Packet { direction, protocol, remote, port }, false).allows();
+        let got = p
+            .lookup(ifindex(&s, eni), direction, remote, protocol, port)
+            .allows();
+        let reference = evaluate(
+            &s,
+            eni,
+            &Packet {
+                direction,
+                protocol,
+                remote,
+                port,
+            },
+            false,
+        )
+        .allows();
         assert_eq!(got, want, "{name} case {i}: plan verdict for {eni} {direction} proto {protocol} {remote} port {port}");
         assert_eq!(reference, want, "{name} case {i}: reference verdict");
     }
@@ -309,7 +326,10 @@ fn spec_1_8_sixteen_groups_per_interface_are_unioned() {
         text += &format!("[[security_group]]\nid = \"sg-{i}\"\ningress = [{{ protocol = \"tcp\", ports = \"{}\", from = [\"198.18.0.0/16\"] }}]\n", 1000 + i);
     }
     let groups: Vec<String> = (0..16).map(|i| format!("\"sg-{i}\"")).collect();
-    text += &format!("[[interface]]\nid = \"eni-a\"\ngroups = [{}]\n", groups.join(", "));
+    text += &format!(
+        "[[interface]]\nid = \"eni-a\"\ngroups = [{}]\n",
+        groups.join(", ")
+    );
     let s = state(&text);
     let p = plan(&s);
     let remote: IpAddr = "198.18.0.1".parse().unwrap();
@@ -364,13 +384,26 @@ groups = ["sg-a"]
 "#,
     );
     let p = plan(&s);
-    let flags = |remote: &str, proto, port| match p.lookup(1, IN, remote.parse().unwrap(), proto, port) {
-        PlanVerdict::Allow(g) => g.flags,
-        other => panic!("expected allow, got {other:?}"),
-    };
-    assert_eq!(flags("198.18.0.1", 6, 80) & GRANT_UNTRACKED_TCP, GRANT_UNTRACKED_TCP, "tcp 80 from 0/0, egress all tcp");
-    assert_eq!(flags("198.18.0.1", 6, 22) & GRANT_UNTRACKED_TCP, 0, "peer is not 0/0");
-    assert_eq!(flags("198.18.0.1", 17, 53) & GRANT_UNTRACKED_UDP, 0, "egress does not allow all udp");
+    let flags =
+        |remote: &str, proto, port| match p.lookup(1, IN, remote.parse().unwrap(), proto, port) {
+            PlanVerdict::Allow(g) => g.flags,
+            other => panic!("expected allow, got {other:?}"),
+        };
+    assert_eq!(
+        flags("198.18.0.1", 6, 80) & GRANT_UNTRACKED_TCP,
+        GRANT_UNTRACKED_TCP,
+        "tcp 80 from 0/0, egress all tcp"
+    );
+    assert_eq!(
+        flags("198.18.0.1", 6, 22) & GRANT_UNTRACKED_TCP,
+        0,
+        "peer is not 0/0"
+    );
+    assert_eq!(
+        flags("198.18.0.1", 17, 53) & GRANT_UNTRACKED_UDP,
+        0,
+        "egress does not allow all udp"
+    );
 }
 
 #[test]
@@ -379,11 +412,27 @@ fn identical_rulesets_are_shared() {
         "[[security_group]]\nid = \"sg-web\"\n[[security_group]]\nid = \"sg-db\"\ningress = [{ protocol = \"tcp\", ports = \"3306\", from = [\"sg-web\"] }]\n[[interface]]\nid = \"eni-db\"\ngroups = [\"sg-db\"]\n",
     );
     for i in 0..200 {
-        text += &format!("[[interface]]\nid = \"eni-{i}\"\nipv4 = [\"198.18.{}.{}\"]\ngroups = [\"sg-web\"]\n", i / 200, i % 200 + 1);
+        text += &format!(
+            "[[interface]]\nid = \"eni-{i}\"\nipv4 = [\"198.18.{}.{}\"]\ngroups = [\"sg-web\"]\n",
+            i / 200,
+            i % 200 + 1
+        );
     }
     let s = state(&text);
-    let p = compile(&s, &[LocalInterface { ifindex: 7, eni: "eni-db".into() }], &Options::default(), None);
-    let ingress: Vec<_> = p.prefixes.iter().filter(|(k, _)| k.direction == IN).collect();
+    let p = compile(
+        &s,
+        &[LocalInterface {
+            ifindex: 7,
+            eni: "eni-db".into(),
+        }],
+        &Options::default(),
+        None,
+    );
+    let ingress: Vec<_> = p
+        .prefixes
+        .iter()
+        .filter(|(k, _)| k.direction == IN)
+        .collect();
     assert_eq!(ingress.len(), 200);
     let distinct: std::collections::BTreeSet<u32> = ingress.iter().map(|(_, v)| **v).collect();
     assert_eq!(distinct.len(), 1, "200 members share one ruleset");
@@ -393,15 +442,30 @@ fn identical_rulesets_are_shared() {
 fn differential(seed: u64) {
     let mut rng = Rng::new(seed);
     let s = testgen::state(&mut rng, 3);
-    assert!(s.validate().is_empty(), "seed {seed}: generated state invalid: {:?}", s.validate());
+    assert!(
+        s.validate().is_empty(),
+        "seed {seed}: generated state invalid: {:?}",
+        s.validate()
+    );
     let locals = testgen::locals(&s, 3);
     let p = compile(&s, &locals, &Options::default(), None);
     for _ in 0..40 {
         let local = rng.pick(&locals).clone();
         let pkt = testgen::packet(&mut rng);
-        let got = p.lookup(local.ifindex, pkt.direction, pkt.remote, pkt.protocol, pkt.port);
+        let got = p.lookup(
+            local.ifindex,
+            pkt.direction,
+            pkt.remote,
+            pkt.protocol,
+            pkt.port,
+        );
         let want = evaluate(&s, &local.eni, &pkt, false);
-        assert_eq!(got.allows(), want.allows(), "seed {seed}: {pkt:?} on {}: plan {got:?} reference {want:?}", local.eni);
+        assert_eq!(
+            got.allows(),
+            want.allows(),
+            "seed {seed}: {pkt:?} on {}: plan {got:?} reference {want:?}",
+            local.eni
+        );
         if let (PlanVerdict::Allow(g), Verdict::Allow(m)) = (got, &want) {
             let bit = match pkt.protocol {
                 6 => GRANT_UNTRACKED_TCP,
@@ -409,7 +473,11 @@ fn differential(seed: u64) {
                 _ => 0,
             };
             if bit != 0 {
-                assert_eq!(g.flags & bit != 0, m.untracked, "seed {seed}: untracked flag for {pkt:?}");
+                assert_eq!(
+                    g.flags & bit != 0,
+                    m.untracked,
+                    "seed {seed}: untracked flag for {pkt:?}"
+                );
             }
         }
     }
@@ -443,28 +511,53 @@ fn diff_invariant(seed: u64) {
         }
     }
     let locals = testgen::locals(&old_state, 2);
-    let options = Options { default_deny: rng.chance(30) };
+    let options = Options {
+        default_deny: rng.chance(30),
+    };
     let old = compile(&old_state, &locals, &options, None);
     let new = compile(&new_state, &locals, &options, Some(&old));
     let ops = diff(&old, &new);
     let packets: Vec<(u32, Packet)> = (0..60)
         .map(|_| (rng.pick(&locals).ifindex, testgen::packet(&mut rng)))
         .collect();
-    let verdict = |p: &Plan, (ifindex, pkt): &(u32, Packet)| p.lookup(*ifindex, pkt.direction, pkt.remote, pkt.protocol, pkt.port).allows();
+    let verdict = |p: &Plan, (ifindex, pkt): &(u32, Packet)| {
+        p.lookup(*ifindex, pkt.direction, pkt.remote, pkt.protocol, pkt.port)
+            .allows()
+    };
     let mut current = old.clone();
     for (step, op) in ops.iter().enumerate() {
         current.apply(op);
         for pkt in &packets {
             let (before, after) = (verdict(&old, pkt), verdict(&new, pkt));
             if before == after {
-                assert_eq!(verdict(&current, pkt), before, "seed {seed}: step {step} ({op:?}) flips {pkt:?}");
+                assert_eq!(
+                    verdict(&current, pkt),
+                    before,
+                    "seed {seed}: step {step} ({op:?}) flips {pkt:?}"
+                );
             }
         }
     }
-    assert_eq!(current.prefixes, new.prefixes, "seed {seed}: prefixes after diff");
-    assert_eq!(current.interfaces, new.interfaces, "seed {seed}: interfaces after diff");
-    let ports = |p: &Plan| p.rulesets.iter().filter(|(_, r)| !r.ports.is_empty()).map(|(id, r)| (*id, r.ports.clone())).collect::<Vec<_>>();
-    assert_eq!(ports(&current), ports(&new), "seed {seed}: port stage after diff");
+    assert_eq!(
+        current.prefixes, new.prefixes,
+        "seed {seed}: prefixes after diff"
+    );
+    assert_eq!(
+        current.interfaces, new.interfaces,
+        "seed {seed}: interfaces after diff"
+    );
+    let ports = |p: &Plan| {
+        p.rulesets
+            .iter()
+            .filter(|(_, r)| !r.ports.is_empty())
+            .map(|(id, r)| (*id, r.ports.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ports(&current),
+        ports(&new),
+        "seed {seed}: port stage after diff"
+    );
 }
 
 #[test]
@@ -480,20 +573,29 @@ fn one_member_change_in_a_10k_group_touches_only_its_entries() {
         );
     }
     let s = state(&text);
-    let locals = vec![LocalInterface { ifindex: 3, eni: "eni-db".into() }];
+    let locals = vec![LocalInterface {
+        ifindex: 3,
+        eni: "eni-db".into(),
+    }];
     let old = compile(&s, &locals, &Options::default(), None);
     let mut joined = s.clone();
-    joined.network_interfaces.push(sg_agent::model::NetworkInterface {
-        id: "eni-new".into(),
-        mac: None,
-        ipv4: vec!["198.19.0.1".parse().unwrap()],
-        ipv6: vec![],
-        groups: vec!["sg-web".into()],
-        timeouts: Default::default(),
-    });
+    joined
+        .network_interfaces
+        .push(sg_agent::model::NetworkInterface {
+            id: "eni-new".into(),
+            mac: None,
+            ipv4: vec!["198.19.0.1".parse().unwrap()],
+            ipv6: vec![],
+            groups: vec!["sg-web".into()],
+            timeouts: Default::default(),
+        });
     let new = compile(&joined, &locals, &Options::default(), Some(&old));
     let ops = diff(&old, &new);
-    assert_eq!(ops.len(), 1, "one new member, one new address entry: {ops:?}");
+    assert_eq!(
+        ops.len(),
+        1,
+        "one new member, one new address entry: {ops:?}"
+    );
     assert!(matches!(ops[0], MapOp::PutPrefix { .. }));
     let left = compile(&s, &locals, &Options::default(), Some(&new));
     let ops = diff(&new, &left);

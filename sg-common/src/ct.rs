@@ -188,7 +188,11 @@ mod tests {
     fn tcp_transitions() {
         let cases: &[(&str, &[(bool, u8)], u8)] = &[
             ("syn", &[(true, TH_SYN)], TCP_SYN_SENT),
-            ("syn, syn-ack", &[(true, TH_SYN), (false, TH_SYN | TH_ACK)], TCP_SYN_RECV),
+            (
+                "syn, syn-ack",
+                &[(true, TH_SYN), (false, TH_SYN | TH_ACK)],
+                TCP_SYN_RECV,
+            ),
             (
                 "three-way handshake",
                 &[(true, TH_SYN), (false, TH_SYN | TH_ACK), (true, TH_ACK)],
@@ -196,7 +200,12 @@ mod tests {
             ),
             (
                 "fin from origin",
-                &[(true, TH_SYN), (false, TH_SYN | TH_ACK), (true, TH_ACK), (true, TH_FIN | TH_ACK)],
+                &[
+                    (true, TH_SYN),
+                    (false, TH_SYN | TH_ACK),
+                    (true, TH_ACK),
+                    (true, TH_FIN | TH_ACK),
+                ],
                 TCP_FIN_WAIT,
             ),
             (
@@ -210,15 +219,32 @@ mod tests {
                 ],
                 TCP_TIME_WAIT,
             ),
-            ("rst in handshake", &[(true, TH_SYN), (false, TH_RST | TH_ACK)], TCP_CLOSE),
+            (
+                "rst in handshake",
+                &[(true, TH_SYN), (false, TH_RST | TH_ACK)],
+                TCP_CLOSE,
+            ),
             (
                 "rst when established",
-                &[(true, TH_SYN), (false, TH_SYN | TH_ACK), (true, TH_ACK), (true, TH_RST)],
+                &[
+                    (true, TH_SYN),
+                    (false, TH_SYN | TH_ACK),
+                    (true, TH_ACK),
+                    (true, TH_RST),
+                ],
                 TCP_CLOSE,
             ),
             ("mid-stream pick-up", &[(true, TH_ACK)], TCP_ESTABLISHED),
-            ("retransmitted syn", &[(true, TH_SYN), (true, TH_SYN)], TCP_SYN_SENT),
-            ("ack from origin only", &[(true, TH_SYN), (true, TH_ACK)], TCP_SYN_SENT),
+            (
+                "retransmitted syn",
+                &[(true, TH_SYN), (true, TH_SYN)],
+                TCP_SYN_SENT,
+            ),
+            (
+                "ack from origin only",
+                &[(true, TH_SYN), (true, TH_ACK)],
+                TCP_SYN_SENT,
+            ),
         ];
         for (name, steps, want) in cases {
             assert_eq!(run(steps), *want, "{name}");

@@ -29,7 +29,11 @@ pub fn split_range(from: u16, to: u16, mut f: impl FnMut(PortBlock)) {
     let hi = to as u32;
     while lo <= hi {
         // Largest block that starts at `lo` (alignment) and does not pass `hi`.
-        let mut size_log = if lo == 0 { 16 } else { lo.trailing_zeros().min(16) };
+        let mut size_log = if lo == 0 {
+            16
+        } else {
+            lo.trailing_zeros().min(16)
+        };
         while size_log > 0 && lo + (1u32 << size_log) - 1 > hi {
             size_log -= 1;
         }
@@ -60,7 +64,13 @@ mod tests {
 
     #[test]
     fn single_port_is_exact() {
-        assert_eq!(blocks(443, 443), [PortBlock { base: 443, bits: 16 }]);
+        assert_eq!(
+            blocks(443, 443),
+            [PortBlock {
+                base: 443,
+                bits: 16
+            }]
+        );
     }
 
     #[test]

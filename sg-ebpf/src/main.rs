@@ -107,7 +107,11 @@ mod programs {
     fn tc(ctx: &TcContext, dir: u8) -> i32 {
         const HEADROOM: u32 = 128;
         let linear = (ctx.data_end() - ctx.data()) as u32;
-        let want = if ctx.len() < HEADROOM { ctx.len() } else { HEADROOM };
+        let want = if ctx.len() < HEADROOM {
+            ctx.len()
+        } else {
+            HEADROOM
+        };
         if linear < want && linear < ctx.len() {
             let _ = ctx.pull_data(want);
         }
@@ -140,7 +144,15 @@ mod programs {
         let ip = match parse::parse(f) {
             Ok(Parsed::Ip(ip)) => ip,
             Ok(Parsed::NotIp { arp }) => {
-                count(ifindex, dir, if arp { counter::INFRASTRUCTURE } else { counter::NOT_IP });
+                count(
+                    ifindex,
+                    dir,
+                    if arp {
+                        counter::INFRASTRUCTURE
+                    } else {
+                        counter::NOT_IP
+                    },
+                );
                 return true;
             }
             Err(reason) => {
@@ -182,7 +194,11 @@ mod programs {
                 return true;
             }
             Track::Full => {
-                count(ifindex, dir, counter::drop_slot(drop_reason::CONNTRACK_FULL));
+                count(
+                    ifindex,
+                    dir,
+                    counter::drop_slot(drop_reason::CONNTRACK_FULL),
+                );
                 return false;
             }
             Track::Miss => {}
@@ -215,7 +231,15 @@ mod programs {
         }
         conntrack::open(&key, ip, dir, grant.rule_id, len, now);
         count(ifindex, dir, counter::ALLOWED_NEW);
-        event(EVENT_ADMITTED, ifindex, dir, ip, grant.rule_id, now, deny_rate);
+        event(
+            EVENT_ADMITTED,
+            ifindex,
+            dir,
+            ip,
+            grant.rule_id,
+            now,
+            deny_rate,
+        );
         true
     }
 
@@ -258,7 +282,11 @@ mod programs {
                 false
             }
             None => {
-                count(ifindex, dir, counter::drop_slot(drop_reason::FRAGMENT_ORPHAN));
+                count(
+                    ifindex,
+                    dir,
+                    counter::drop_slot(drop_reason::FRAGMENT_ORPHAN),
+                );
                 false
             }
         }

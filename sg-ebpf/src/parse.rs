@@ -70,7 +70,9 @@ pub struct L4 {
 pub enum Parsed {
     Ip(Ip),
     /// Not IP (including ARP): security groups do not filter it.
-    NotIp { arp: bool },
+    NotIp {
+        arp: bool,
+    },
 }
 
 const ETH_P_IP: u16 = 0x0800;

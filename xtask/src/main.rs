@@ -1,1 +1,212 @@
-fn main(){}
+//! Developer tasks: toolchain bootstrap, building the eBPF object and the agent, running,
+//! testing, the demo and the benchmarks. `cargo xtask --help`.
+
+mod bench;
+mod bootstrap;
+mod demo;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "sg developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Report toolchain, kernel, BTF, bpffs and privileges, with a verdict.
+    Doctor,
+    /// Install what the eBPF build needs (rust-src, LLVM 22, bpf-linker) if missing.
+    Bootstrap,
+    /// Build the eBPF object (target/bpfel-unknown-none/release/sg-ebpf).
+    BuildEbpf,
+    /// Build the release agent with the eBPF object embedded (target/release/sg-agent).
+    Build,
+    /// Build and run the agent in this VM: cargo xtask run -- run --state FILE ...
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: unit, property, BPF_PROG_TEST_RUN and namespace tests.
+    Test {
+        /// Extra arguments for the test binaries (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build a two-tier lab in network namespaces, enforce it, and verify it with traffic.
+    Demo {
+        /// Leave the lab up for exploring.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Benchmarks: compile, datapath (all with --quick/--smoke variants).
+    Bench {
+        /// What to measure: all, compile, datapath.
+        #[arg(default_value = "all")]
+        what: String,
+        /// A run under 5 minutes.
+        #[arg(long)]
+        quick: bool,
+        /// Seconds, one repetition: keeps the harness from rotting (CI).
+        #[arg(long)]
+        smoke: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Doctor => bootstrap::doctor(),
+        Task::Bootstrap => bootstrap::ensure(),
+        Task::BuildEbpf => build_ebpf().map(|_| ()),
+        Task::Build => build_agent().map(|_| ()),
+        Task::Run { args } => run(&args),
+        Task::Test { args } => test(&args),
+        Task::Demo { keep } => build_agent().and_then(|agent| demo::run(&agent, keep)),
+        Task::Bench { what, quick, smoke } => bench::run(&what, quick, smoke),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+pub fn ebpf_object() -> PathBuf {
+    root().join("target/bpfel-unknown-none/release/sg-ebpf")
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let st = cmd.status().with_context(|| format!("running {shown}"))?;
+    if !st.success() {
+        bail!("{shown} failed: {st}");
+    }
+    Ok(())
+}
+
+/// Builds the eBPF object with the nightly toolchain and bpf-linker.
+pub fn build_ebpf() -> Result<PathBuf> {
+    bootstrap::ensure()?;
+    eprintln!("xtask: building the eBPF object");
+    status(
+        Command::new("cargo")
+            .current_dir(root())
+            .args([
+                "+nightly",
+                "build",
+                "--locked",
+                "-p",
+                "sg-ebpf",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--release",
+            ])
+            .env_remove("RUSTC")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS"),
+    )?;
+    Ok(ebpf_object())
+}
+
+/// Builds the release agent with the object embedded; returns its path.
+pub fn build_agent() -> Result<PathBuf> {
+    let object = build_ebpf()?;
+    eprintln!("xtask: building sg-agent (release)");
+    status(
+        Command::new("cargo")
+            .current_dir(root())
+            .args(["build", "--locked", "--release", "-p", "sg-agent"])
+            .env("SG_EBPF_OBJECT", &object),
+    )?;
+    Ok(root().join("target/release/sg-agent"))
+}
+
+fn run(args: &[String]) -> Result<()> {
+    let agent = build_agent()?;
+    let st = Command::new(&agent)
+        .args(args)
+        .status()
+        .context("running sg-agent")?;
+    if !st.success() {
+        bail!("sg-agent exited with {st}");
+    }
+    Ok(())
+}
+
+/// Runs the whole test suite with the real eBPF object and prints one summary line.
+fn test(args: &[String]) -> Result<()> {
+    let object = build_ebpf()?;
+    let agent = build_agent()?;
+    eprintln!("xtask: running the tests");
+    let started = std::time::Instant::now();
+    let output = Command::new("cargo")
+        .current_dir(root())
+        .args([
+            "test",
+            "--locked",
+            "--release",
+            "--workspace",
+            "--exclude",
+            "sg-ebpf",
+            "--no-fail-fast",
+            "--",
+        ])
+        .args(args)
+        .env("SG_EBPF_OBJECT", &object)
+        .env("SG_AGENT_BIN", &agent)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?
+        .wait_with_output()?;
+    let out = String::from_utf8_lossy(&output.stdout);
+    print!("{out}");
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in out.lines().filter(|l| l.starts_with("test result:")) {
+        let num = |word: &str| -> u64 {
+            line.split(';')
+                .filter_map(|part| {
+                    let toks: Vec<&str> = part.split_whitespace().collect();
+                    let i = toks.iter().position(|t| *t == word)?;
+                    toks.get(i.checked_sub(1)?)?.parse().ok()
+                })
+                .next()
+                .unwrap_or(0)
+        };
+        passed += num("passed");
+        failed += num("failed");
+        ignored += num("ignored");
+    }
+    println!(
+        "\nsg test summary: {} in {:.0?}\n{passed} passed, {failed} failed, {ignored} skipped",
+        if output.status.success() && failed == 0 {
+            "ok"
+        } else {
+            "FAILED"
+        },
+        started.elapsed()
+    );
+    if !output.status.success() || failed > 0 {
+        bail!("tests failed");
+    }
+    Ok(())
+}

@@ -1,0 +1,192 @@
+//! The eBPF toolchain, installed on demand: rust-src for nightly, LLVM 22 (apt) and
+//! bpf-linker built against it. Idempotent; a no-op in well under a second when all is
+//! present. `doctor` reports the toolchain and the host with a verdict.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{bail, Context, Result};
+
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn ok(cmd: &mut Command) -> bool {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn has_nightly() -> bool {
+    ok(Command::new("rustup").args(["run", "nightly", "rustc", "--version"]))
+}
+
+fn has_rust_src() -> bool {
+    // The component's files, checked directly: much faster than asking rustup.
+    output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))
+        .is_some_and(|sysroot| {
+            Path::new(&sysroot)
+                .join("lib/rustlib/src/rust/library/core")
+                .is_dir()
+        })
+}
+
+fn has_bpf_linker() -> bool {
+    ok(Command::new("bpf-linker").arg("--version"))
+}
+
+fn has_llvm() -> bool {
+    Path::new(LLVM_PREFIX).join("bin/llvm-config").exists()
+}
+
+fn apt(packages: &[&str]) -> Result<()> {
+    if !Path::new("/usr/bin/apt-get").exists() {
+        bail!(
+            "no apt-get on this host; install by hand:\n  \
+             LLVM 22 development files (llvm-config at {LLVM_PREFIX}/bin)\n  \
+             rustup component add rust-src --toolchain nightly\n  \
+             LLVM_PREFIX={LLVM_PREFIX} LLVM_SYS_221_PREFIX={LLVM_PREFIX} cargo install bpf-linker --locked --version {BPF_LINKER_VERSION} --no-default-features --features llvm-22"
+        );
+    }
+    eprintln!("xtask: installing {} with apt-get", packages.join(" "));
+    let run = |args: &[&str]| -> Result<()> {
+        let st = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("running apt-get")?;
+        if !st.success() {
+            bail!("apt-get {} failed", args.join(" "));
+        }
+        Ok(())
+    };
+    if run(&[&["install", "-y", "-q"], packages].concat()).is_err() {
+        run(&["update", "-q"])?;
+        run(&[&["install", "-y", "-q"], packages].concat())?;
+    }
+    Ok(())
+}
+
+/// Installs whatever the eBPF build lacks, saying what it does.
+pub fn ensure() -> Result<()> {
+    if !has_nightly() {
+        bail!("the nightly toolchain is missing: rustup toolchain install nightly --component rust-src");
+    }
+    if !has_rust_src() {
+        eprintln!("xtask: adding rust-src to the nightly toolchain");
+        let st = Command::new("rustup")
+            .args(["component", "add", "rust-src", "--toolchain", "nightly"])
+            .status()?;
+        if !st.success() {
+            bail!("rustup component add rust-src --toolchain nightly failed");
+        }
+    }
+    if !has_bpf_linker() {
+        if !has_llvm() {
+            apt(&["llvm-22-dev"])?;
+        }
+        eprintln!(
+            "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"
+        );
+        let st = Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX)
+            .status()?;
+        if !st.success() {
+            bail!("cargo install bpf-linker failed");
+        }
+    }
+    Ok(())
+}
+
+fn line(what: &str, good: bool, detail: &str) -> bool {
+    println!("{} {what:<22} {detail}", if good { "ok  " } else { "FAIL" });
+    good
+}
+
+pub fn doctor() -> Result<()> {
+    let mut all = true;
+    let nightly = output(Command::new("rustup").args(["run", "nightly", "rustc", "--version"]));
+    all &= line(
+        "nightly toolchain",
+        nightly.is_some(),
+        nightly
+            .as_deref()
+            .unwrap_or("missing: rustup toolchain install nightly"),
+    );
+    all &= line(
+        "rust-src (nightly)",
+        has_rust_src(),
+        "needed for -Z build-std=core",
+    );
+    let linker = output(Command::new("bpf-linker").arg("--version"));
+    all &= line(
+        "bpf-linker",
+        linker.is_some(),
+        linker
+            .as_deref()
+            .unwrap_or("missing: cargo xtask bootstrap"),
+    );
+    let release = output(Command::new("uname").arg("-r")).unwrap_or_default();
+    let (major, minor) = {
+        let mut it = release
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|p| p.parse::<u32>().ok());
+        (it.next().unwrap_or(0), it.next().unwrap_or(0))
+    };
+    all &= line("kernel >= 5.15", (major, minor) >= (5, 15), &release);
+    all &= line(
+        "BTF",
+        Path::new("/sys/kernel/btf/vmlinux").exists(),
+        "/sys/kernel/btf/vmlinux",
+    );
+    let root = output(Command::new("id").arg("-u")).as_deref() == Some("0");
+    all &= line(
+        "root",
+        root,
+        "loading BPF and building namespaces need root (or CAP_BPF+CAP_NET_ADMIN+CAP_SYS_ADMIN)",
+    );
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let bpffs = mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(2) == Some("bpf"));
+    line(
+        "bpffs",
+        true,
+        if bpffs {
+            "mounted"
+        } else {
+            "not mounted (the agent mounts it at /sys/fs/bpf itself)"
+        },
+    );
+    let ip = ok(Command::new("ip").arg("-V"));
+    all &= line("iproute2", ip, "ip netns / veth for tests and the demo");
+    println!(
+        "\nverdict: {}",
+        if all {
+            "ready"
+        } else {
+            "not ready (see FAIL lines; `cargo xtask bootstrap` installs the toolchain)"
+        }
+    );
+    if !all {
+        bail!("doctor found problems");
+    }
+    Ok(())
+}
