@@ -37,6 +37,11 @@ pub enum L4 {
         protocol: u8,
         len: usize,
     },
+    /// Exactly these L4 bytes under this protocol number.
+    Raw {
+        protocol: u8,
+        bytes: Vec<u8>,
+    },
 }
 
 /// Everything about a frame.
@@ -134,6 +139,7 @@ impl Spec {
             L4::Other { protocol, len } | L4::FragmentData { protocol, len } => {
                 (*protocol, vec![0x11; *len])
             }
+            L4::Raw { protocol, bytes } => (*protocol, bytes.clone()),
         }
     }
 }
