@@ -42,7 +42,9 @@ pub struct Options {
 }
 
 /// Identity of a rule across state changes: its group, direction, match and occurrence.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct RuleKey {
     pub group: String,
     pub direction: Direction,
@@ -51,7 +53,7 @@ pub struct RuleKey {
     pub nth: u32,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RuleInfo {
     pub key: RuleKey,
     pub group_name: String,
@@ -61,7 +63,9 @@ pub struct RuleInfo {
 }
 
 /// One rule admitting traffic from/to one prefix; `flags` are `GRANT_UNTRACKED_*`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct RuleGrant {
     pub rule_id: u32,
     pub flags: u32,
@@ -392,9 +396,11 @@ struct Interner {
 impl Interner {
     fn new(previous: &Plan) -> Self {
         Interner {
+            // Rulesets read back from maps without metadata have no grants: never reused.
             previous: previous
                 .rulesets
                 .iter()
+                .filter(|(_, r)| !r.grants.is_empty())
                 .map(|(id, r)| (r.grants.clone(), *id))
                 .collect(),
             ids: HashMap::new(),
@@ -587,7 +593,7 @@ pub fn port_prefixes(rule_protocol: Protocol, ports: PortMatch, mut f: impl FnMu
 
 /// The port-stage entries of a ruleset, flattened: each entry's flags are the union of
 /// the flags of every entry containing it; its rule is its own (the most specific).
-fn port_entries(
+pub fn port_entries(
     grants: &BTreeSet<RuleGrant>,
     rules: &BTreeMap<u32, RuleInfo>,
 ) -> BTreeMap<PortPrefix, Grant> {

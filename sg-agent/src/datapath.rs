@@ -2,20 +2,30 @@
 //! gives, attach the programs, read counters and flows back. The only module that touches
 //! aya.
 
-use std::{net::IpAddr, path::Path};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     maps::{
-        lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuHashMap, PerCpuValues,
+        lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, MapType, PerCpuHashMap,
+        PerCpuValues,
     },
-    programs::{tc, ProgramError, SchedClassifier, TcAttachType, Xdp},
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
+        ProgramError, SchedClassifier, TcAttachType, Xdp,
+    },
     util::nr_cpus,
     Ebpf, EbpfError, EbpfLoader,
 };
 use sg_common::*;
 
 use crate::{
-    compile::{diff, MapOp, Plan, PortPrefix, PrefixKey},
+    compile::{diff, InterfacePlan, MapOp, Plan, PortPrefix, PrefixKey},
     model::Direction,
     net::{Cidr, Family},
 };
@@ -51,6 +61,25 @@ pub enum DatapathError {
         iface: String,
         #[source]
         source: ProgramError,
+    },
+    #[error("link on {iface}: {source}")]
+    Link {
+        iface: String,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("pinned map {path} has another layout ({found}; this agent needs {expected}); run `sg-agent detach` first")]
+    Layout {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error("{what} {path}: {source}")]
+    Pin {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -111,10 +140,28 @@ impl Datapath {
     }
 
     pub fn load_object(object: &[u8], sizes: &MapSizes) -> Result<Datapath> {
+        Self::load_with(object, sizes, None)
+    }
+
+    /// Loads the embedded object reusing the maps pinned under `pin_dir` (after checking
+    /// their layout), creating and pinning those that are missing.
+    pub fn open_pinned(sizes: &MapSizes, pin_dir: &Path) -> Result<Datapath> {
+        check_pinned_layouts(pin_dir)?;
+        Self::load_with(OBJECT, sizes, Some(pin_dir))
+    }
+
+    fn load_with(object: &[u8], sizes: &MapSizes, pin_dir: Option<&Path>) -> Result<Datapath> {
         if object.is_empty() {
             return Err(DatapathError::NoObject);
         }
         let mut loader = EbpfLoader::new();
+        let paths: Vec<(&'static str, PathBuf)> = match pin_dir {
+            Some(dir) => ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect(),
+            None => vec![],
+        };
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
         loader
             .map_max_entries(MAP_CT, sizes.conntrack)
             .map_max_entries(MAP_CT_NEW, sizes.conntrack_new)
@@ -137,11 +184,15 @@ impl Datapath {
             p.load().map_err(prog_err(name))?;
         }
         let mut dp = Datapath { ebpf };
-        dp.set_global(GlobalConfig {
-            clock_offset_ns: 0,
-            deny_events_per_sec: 100,
-            flags: 0,
-        })?;
+        let adopted =
+            pin_dir.is_some_and(|_| dp.global().is_ok_and(|g| g.deny_events_per_sec != 0));
+        if !adopted {
+            dp.set_global(GlobalConfig {
+                clock_offset_ns: 0,
+                deny_events_per_sec: 100,
+                flags: 0,
+            })?;
+        }
         Ok(dp)
     }
 
@@ -343,8 +394,6 @@ impl Datapath {
             iface: iface.to_string(),
             source,
         };
-        // clsact may already exist (EEXIST); TCX links do not need it at all on 6.6+.
-        let _ = tc::qdisc_add_clsact(iface);
         match hook {
             IngressHook::Xdp => {
                 let xdp = self.xdp_ingress()?;
@@ -382,6 +431,417 @@ impl Datapath {
             })?;
         }
         Ok(())
+    }
+}
+
+impl Datapath {
+    /// Reads back what the maps hold, as a plan without rule metadata.
+    pub fn read_back(&mut self) -> Result<Plan> {
+        let mut plan = Plan::default();
+        let ifaces: HashMap<&mut MapData, u32, IfaceConfig> = self.map(MAP_IFACE)?;
+        for item in ifaces.iter() {
+            let (ifindex, config) = item.map_err(map_err(MAP_IFACE))?;
+            plan.interfaces.insert(
+                ifindex,
+                InterfacePlan {
+                    eni: String::new(),
+                    config,
+                },
+            );
+        }
+        let a4: HashMap<&mut MapData, Addr4Key, RulesetRef> = self.map(MAP_ADDR4)?;
+        for item in a4.iter() {
+            let (k, v) = item.map_err(map_err(MAP_ADDR4))?;
+            let cidr = Cidr::host(IpAddr::from(k.addr));
+            plan.prefixes.insert(
+                PrefixKey {
+                    ifindex: k.ifindex,
+                    direction: direction_of(k.direction),
+                    cidr,
+                },
+                v.ruleset,
+            );
+        }
+        let a6: HashMap<&mut MapData, Addr6Key, RulesetRef> = self.map(MAP_ADDR6)?;
+        for item in a6.iter() {
+            let (k, v) = item.map_err(map_err(MAP_ADDR6))?;
+            let cidr = Cidr::host(IpAddr::from(k.addr));
+            plan.prefixes.insert(
+                PrefixKey {
+                    ifindex: k.ifindex,
+                    direction: direction_of(k.direction),
+                    cidr,
+                },
+                v.ruleset,
+            );
+        }
+        let n4: LpmTrie<&mut MapData, Net4Data, RulesetRef> = self.map(MAP_NET4)?;
+        for item in n4.iter() {
+            let (k, v) = item.map_err(map_err(MAP_NET4))?;
+            let d = k.data();
+            let cidr = Cidr::truncate(
+                IpAddr::from(d.addr),
+                (k.prefix_len() - NET_KEY_FIXED_BITS) as u8,
+            );
+            let ifindex = u32::from_be_bytes(d.ifindex);
+            plan.prefixes.insert(
+                PrefixKey {
+                    ifindex,
+                    direction: direction_of(d.direction),
+                    cidr,
+                },
+                v.ruleset,
+            );
+        }
+        let n6: LpmTrie<&mut MapData, Net6Data, RulesetRef> = self.map(MAP_NET6)?;
+        for item in n6.iter() {
+            let (k, v) = item.map_err(map_err(MAP_NET6))?;
+            let d = k.data();
+            let cidr = Cidr::truncate(
+                IpAddr::from(d.addr),
+                (k.prefix_len() - NET_KEY_FIXED_BITS) as u8,
+            );
+            let ifindex = u32::from_be_bytes(d.ifindex);
+            plan.prefixes.insert(
+                PrefixKey {
+                    ifindex,
+                    direction: direction_of(d.direction),
+                    cidr,
+                },
+                v.ruleset,
+            );
+        }
+        let ports: LpmTrie<&mut MapData, PortData, Grant> = self.map(MAP_PORTS)?;
+        for item in ports.iter() {
+            let (k, v) = item.map_err(map_err(MAP_PORTS))?;
+            let d = k.data();
+            let prefix = PortPrefix {
+                protocol: d.protocol,
+                port: u16::from_be_bytes(d.port),
+                len: k.prefix_len(),
+            };
+            plan.rulesets
+                .entry(u32::from_be_bytes(d.ruleset))
+                .or_default()
+                .ports
+                .insert(prefix, v);
+        }
+        Ok(plan)
+    }
+
+    /// Attaches ingress and egress to an interface, replacing the programs of links
+    /// pinned under `links_dir` atomically (an upgrade or restart) or creating and pinning
+    /// new links. A link of the other ingress hook is removed.
+    pub fn attach_pinned(
+        &mut self,
+        iface: &str,
+        ifindex: u32,
+        hook: IngressHook,
+        links_dir: &Path,
+    ) -> Result<()> {
+        std::fs::create_dir_all(links_dir).map_err(|source| DatapathError::Pin {
+            what: "creating",
+            path: links_dir.into(),
+            source,
+        })?;
+        let attach_err = |source| DatapathError::Attach {
+            iface: iface.to_string(),
+            source,
+        };
+        let (ingress_name, other) = match hook {
+            IngressHook::Xdp => (link_name(ifindex, "xdp"), link_name(ifindex, "tcin")),
+            IngressHook::Tc => (link_name(ifindex, "tcin"), link_name(ifindex, "xdp")),
+        };
+        let egress_name = link_name(ifindex, "tcout");
+        // Ingress.
+        let path = links_dir.join(&ingress_name);
+        match (hook, pinned_link(&path)?) {
+            (IngressHook::Xdp, Some(link)) => {
+                let xdp = self.xdp_ingress()?;
+                let link = XdpLink::try_from(link).map_err(|source| DatapathError::Link {
+                    iface: iface.to_string(),
+                    source,
+                })?;
+                let id = xdp.attach_to_link(link).map_err(attach_err)?;
+                drop(xdp.take_link(id).map_err(attach_err)?);
+            }
+            (IngressHook::Xdp, None) => {
+                let xdp = self.xdp_ingress()?;
+                let id = match xdp.attach(iface, aya::programs::XdpMode::Driver) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        log::warn!(
+                            "{iface}: native XDP unavailable ({e}); falling back to generic XDP"
+                        );
+                        xdp.attach(iface, aya::programs::XdpMode::Skb)
+                            .map_err(attach_err)?
+                    }
+                };
+                let link: FdLink =
+                    xdp.take_link(id)
+                        .map_err(attach_err)?
+                        .try_into()
+                        .map_err(|source| DatapathError::Link {
+                            iface: iface.to_string(),
+                            source,
+                        })?;
+                pin_link(link, &path)?;
+            }
+            (IngressHook::Tc, existing) => self.attach_tc(
+                iface,
+                PROG_TC_INGRESS,
+                TcAttachType::Ingress,
+                existing,
+                &path,
+            )?,
+        }
+        // Egress.
+        let path = links_dir.join(&egress_name);
+        let existing = pinned_link(&path)?;
+        self.attach_tc(iface, PROG_TC_EGRESS, TcAttachType::Egress, existing, &path)?;
+        // The other ingress hook, from an earlier run with another --ingress-hook.
+        unpin_link(&links_dir.join(other))?;
+        Ok(())
+    }
+
+    fn attach_tc(
+        &mut self,
+        iface: &str,
+        name: &'static str,
+        kind: TcAttachType,
+        existing: Option<FdLink>,
+        path: &Path,
+    ) -> Result<()> {
+        let attach_err = |source| DatapathError::Attach {
+            iface: iface.to_string(),
+            source,
+        };
+        let prog = self.tc(name)?;
+        match existing {
+            Some(link) => {
+                let link =
+                    SchedClassifierLink::try_from(link).map_err(|source| DatapathError::Link {
+                        iface: iface.to_string(),
+                        source,
+                    })?;
+                let id = prog.attach_to_link(link).map_err(attach_err)?;
+                drop(prog.take_link(id).map_err(attach_err)?);
+            }
+            None => {
+                let id = prog.attach(iface, kind).map_err(attach_err)?;
+                let link: FdLink =
+                    prog.take_link(id)
+                        .map_err(attach_err)?
+                        .try_into()
+                        .map_err(|source| DatapathError::Link {
+                            iface: iface.to_string(),
+                            source,
+                        })?;
+                pin_link(link, path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the agent's status document into `SG_STATUS`.
+    pub fn write_status(&mut self, json: &str) -> Result<()> {
+        let mut blob = Box::new(StatusBlob {
+            len: 0,
+            data: [0; STATUS_BYTES],
+        });
+        let bytes = json.as_bytes();
+        let n = bytes.len().min(STATUS_BYTES);
+        blob.data[..n].copy_from_slice(&bytes[..n]);
+        blob.len = n as u32;
+        let mut a: Array<&mut MapData, StatusBlob> = self.map(MAP_STATUS)?;
+        a.set(0, *blob, 0).map_err(map_err(MAP_STATUS))
+    }
+}
+
+/// Names of link pins: `<ifindex>-xdp`, `<ifindex>-tcin`, `<ifindex>-tcout`.
+pub fn link_name(ifindex: u32, kind: &str) -> String {
+    format!("{ifindex}-{kind}")
+}
+
+fn pinned_link(path: &Path) -> Result<Option<FdLink>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    match PinnedLink::from_pin(path) {
+        Ok(l) => Ok(Some(FdLink::from(l))),
+        Err(e) => Err(DatapathError::Pin {
+            what: "opening pinned link",
+            path: path.into(),
+            source: std::io::Error::other(e.to_string()),
+        }),
+    }
+}
+
+fn pin_link(link: FdLink, path: &Path) -> Result<()> {
+    link.pin(path).map(drop).map_err(|e| DatapathError::Pin {
+        what: "pinning link",
+        path: path.into(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
+/// Removes a link pin; the kernel detaches the program when the last reference goes.
+pub fn unpin_link(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DatapathError::Pin {
+            what: "removing link pin",
+            path: path.into(),
+            source,
+        }),
+    }
+}
+
+/// The layout each map must have: type, key size, value size.
+fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
+    use std::mem::size_of as sz;
+    let lpm = |d: usize| 4 + d as u32;
+    Some(match name {
+        MAP_CT | MAP_CT_NEW => (
+            if name == MAP_CT {
+                MapType::Hash
+            } else {
+                MapType::LruHash
+            },
+            sz::<CtKey>() as u32,
+            sz::<CtEntry>() as u32,
+        ),
+        MAP_ADDR4 => (MapType::Hash, sz::<Addr4Key>() as u32, 4),
+        MAP_ADDR6 => (MapType::Hash, sz::<Addr6Key>() as u32, 4),
+        MAP_NET4 => (MapType::LpmTrie, lpm(sz::<Net4Data>()), 4),
+        MAP_NET6 => (MapType::LpmTrie, lpm(sz::<Net6Data>()), 4),
+        MAP_PORTS => (
+            MapType::LpmTrie,
+            lpm(sz::<PortData>()),
+            sz::<Grant>() as u32,
+        ),
+        MAP_IFACE => (MapType::Hash, 4, sz::<IfaceConfig>() as u32),
+        MAP_GLOBAL => (MapType::Array, 4, sz::<GlobalConfig>() as u32),
+        MAP_COUNTERS => (MapType::PerCpuHash, 4, sz::<Counters>() as u32),
+        MAP_RULE_HITS => (MapType::PerCpuArray, 4, 8),
+        MAP_FRAGS => (
+            MapType::LruHash,
+            sz::<FragKey>() as u32,
+            sz::<FragEntry>() as u32,
+        ),
+        MAP_EVENT_RATE => (MapType::PerCpuArray, 4, sz::<EventRate>() as u32),
+        MAP_STATUS => (MapType::Array, 4, sz::<StatusBlob>() as u32),
+        _ => return None,
+    })
+}
+
+/// Refuses to adopt pinned maps whose layout differs from this agent's.
+fn check_pinned_layouts(pin_dir: &Path) -> Result<()> {
+    for name in ALL_MAPS {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let Some((kind, key, value)) = expected_layout(name) else {
+            continue;
+        };
+        let info = MapData::from_pin(&path)
+            .and_then(|m| m.info())
+            .map_err(map_err(name))?;
+        let found_kind = info.map_type().map_err(map_err(name))?;
+        if found_kind != kind || info.key_size() != key || info.value_size() != value {
+            return Err(DatapathError::Layout {
+                path,
+                found: format!(
+                    "{found_kind:?} key {} value {}",
+                    info.key_size(),
+                    info.value_size()
+                ),
+                expected: format!("{kind:?} key {key} value {value}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The status document (if any) and, per enforced ifindex, its settings and counters.
+pub type PinnedStatus = (Option<String>, BTreeMap<u32, (IfaceConfig, Counters)>);
+
+/// Reads the status document and per-interface counters from pins, for `status`.
+pub fn pinned_status(pin_dir: &Path) -> Result<PinnedStatus> {
+    let open = |name: &'static str| MapData::from_pin(pin_dir.join(name)).map_err(map_err(name));
+    let mut doc = None;
+    if pin_dir.join(MAP_STATUS).exists() {
+        let a: Array<MapData, StatusBlob> =
+            Array::try_from(aya::maps::Map::Array(open(MAP_STATUS)?))
+                .map_err(map_err(MAP_STATUS))?;
+        let blob = a.get(&0, 0).map_err(map_err(MAP_STATUS))?;
+        let n = (blob.len as usize).min(STATUS_BYTES);
+        if n > 0 {
+            doc = Some(String::from_utf8_lossy(&blob.data[..n]).into_owned());
+        }
+    }
+    let mut out = BTreeMap::new();
+    if pin_dir.join(MAP_IFACE).exists() {
+        let ifaces: HashMap<MapData, u32, IfaceConfig> =
+            HashMap::try_from(aya::maps::Map::HashMap(open(MAP_IFACE)?))
+                .map_err(map_err(MAP_IFACE))?;
+        let counters: PerCpuHashMap<MapData, u32, Counters> =
+            PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(open(MAP_COUNTERS)?))
+                .map_err(map_err(MAP_COUNTERS))?;
+        for item in ifaces.iter() {
+            let (ifindex, config) = item.map_err(map_err(MAP_IFACE))?;
+            let mut sum = Counters::default();
+            if let Ok(values) = counters.get(&ifindex, 0) {
+                for cpu in values.iter() {
+                    for (s, v) in sum.v.iter_mut().zip(cpu.v.iter()) {
+                        *s += v;
+                    }
+                }
+            }
+            out.insert(ifindex, (config, sum));
+        }
+    }
+    Ok((doc, out))
+}
+
+/// Every flow in the pinned conntrack tables: (key, entry, established).
+pub fn pinned_flows(pin_dir: &Path) -> Result<Vec<(CtKey, CtEntry, bool)>> {
+    let mut out = Vec::new();
+    for (name, established) in [(MAP_CT, true), (MAP_CT_NEW, false)] {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let data = MapData::from_pin(&path).map_err(map_err(name))?;
+        let map = if established {
+            aya::maps::Map::HashMap(data)
+        } else {
+            aya::maps::Map::LruHashMap(data)
+        };
+        let m: HashMap<MapData, CtKey, CtEntry> = HashMap::try_from(map).map_err(map_err(name))?;
+        for item in m.iter() {
+            let (k, v) = item.map_err(map_err(name))?;
+            out.push((k, v, established));
+        }
+    }
+    Ok(out)
+}
+
+/// Deletes flows from the pinned or loaded tables.
+impl Datapath {
+    pub fn delete_flows(&mut self, keys: &[(CtKey, bool)]) -> Result<usize> {
+        let mut n = 0;
+        for (established, name) in [(true, MAP_CT), (false, MAP_CT_NEW)] {
+            let mut m: HashMap<&mut MapData, CtKey, CtEntry> = self.map(name)?;
+            for (k, e) in keys {
+                if *e == established && m.remove(k).is_ok() {
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
     }
 }
 

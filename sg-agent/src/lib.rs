@@ -5,10 +5,15 @@
 //! reference evaluator), `datapath` (the only module that touches aya).
 #![deny(unsafe_code)]
 
+pub mod agent;
+pub mod api;
+pub mod cli;
 pub mod compile;
 pub mod datapath;
 pub mod eval;
+pub mod inotify;
 pub mod model;
 pub mod net;
 pub mod source;
+pub mod system;
 pub mod testgen;

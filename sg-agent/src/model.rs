@@ -15,7 +15,9 @@ use sg_common::ct::{DEFAULT_TIMEOUTS, TIMEOUT_COUNT};
 use crate::net::{Cidr, Family};
 
 /// Direction of a rule: ingress rules name a source peer, egress rules a destination.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Direction {
     Ingress,
     Egress,
@@ -53,7 +55,9 @@ impl fmt::Display for Direction {
 }
 
 /// IP protocol of a rule: every protocol (`-1`/`all`) or one protocol number.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Protocol {
     All,
     Number(u8),
@@ -106,7 +110,9 @@ impl fmt::Display for Protocol {
 }
 
 /// What a rule matches beyond the protocol.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum PortMatch {
     /// Every port, type or code (and protocols without ports).
     Any,

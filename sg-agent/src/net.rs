@@ -89,6 +89,7 @@ impl Cidr {
         self.family
     }
 
+    #[allow(clippy::len_without_is_empty)] // a prefix length, not a collection's
     pub fn len(&self) -> u8 {
         self.len
     }

@@ -186,7 +186,8 @@ mod tests {
 
     #[test]
     fn tcp_transitions() {
-        let cases: &[(&str, &[(bool, u8)], u8)] = &[
+        type Case<'a> = (&'a str, &'a [(bool, u8)], u8);
+        let cases: &[Case] = &[
             ("syn", &[(true, TH_SYN)], TCP_SYN_SENT),
             (
                 "syn, syn-ack",

@@ -35,8 +35,13 @@ pub const MAP_EVENTS: &str = "SG_EVENTS";
 /// Per-CPU token state for rate-limiting denied-flow events.
 pub const MAP_EVENT_RATE: &str = "SG_EVENT_RATE";
 
+/// The agent's status document (JSON), so `sg-agent status` can read it from the pins
+/// whether or not the agent runs. Array of one; the datapath never touches it.
+pub const MAP_STATUS: &str = "SG_STATUS";
+
 /// Every map the object defines, for pinning and adoption.
-pub const ALL_MAPS: [&str; 14] = [
+pub const ALL_MAPS: [&str; 15] = [
+    MAP_STATUS,
     MAP_CT,
     MAP_CT_NEW,
     MAP_ADDR4,
@@ -298,8 +303,21 @@ pub struct FlowEvent {
 }
 const _: () = assert!(size_of::<FlowEvent>() == 56);
 
+/// Bytes of a status document.
+pub const STATUS_BYTES: usize = 16 * 1024 - 4;
+
+/// Value of `SG_STATUS`: a length-prefixed JSON document.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct StatusBlob {
+    pub len: u32,
+    pub data: [u8; STATUS_BYTES],
+}
+const _: () = assert!(size_of::<StatusBlob>() == 16 * 1024);
+
 #[cfg(feature = "user")]
 mod pod {
+    unsafe impl aya::Pod for StatusBlob {}
     use super::*;
     // SAFETY: each type is `repr(C)`, `Copy`, made only of integers and byte arrays with
     // explicit padding, so every bit pattern is valid and there are no implicit holes.

@@ -70,3 +70,7 @@ pub static SG_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 /// Per-CPU rate limiter of denied-flow events.
 #[map]
 pub static SG_EVENT_RATE: PerCpuArray<EventRate> = PerCpuArray::with_max_entries(1, 0);
+
+/// The agent's status document; written by the agent only.
+#[map]
+pub static SG_STATUS: Array<StatusBlob> = Array::with_max_entries(1, 0);

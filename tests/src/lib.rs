@@ -8,6 +8,7 @@
 //! - `wait_for`: conditions with a deadline instead of sleeps.
 
 pub mod bpf;
+pub mod lab;
 pub mod netns;
 pub mod packet;
 pub mod privileges;

@@ -1,0 +1,562 @@
+//! The running agent: adopt what is pinned, compile the state for the local interfaces,
+//! apply the ordered difference, attach, then keep the maps equal to the state as the file,
+//! the interfaces and time change. One loop over events: state changes (inotify, with a
+//! polling fallback), SIGHUP, SIGINT/SIGTERM, and a tick for hot plug and conntrack GC.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::Write,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{mpsc, Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+use sg_common::{ct, CtKey, DIR_INGRESS, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+
+use crate::{
+    compile::{compile, diff, port_entries, LocalInterface, Options, Plan, RuleGrant, RuleInfo},
+    datapath::{self, addr_of, direction_of, Datapath, DatapathError, IngressHook, MapSizes},
+    model::State,
+    source::{self, LoadedState},
+    system::{self, HostInterface},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    State(#[from] source::StateError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
+    let what = what.into();
+    move |source| AgentError::Io { what, source }
+}
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub state: PathBuf,
+    /// Explicit bindings: interface name → network interface id.
+    pub attach: Vec<(String, String)>,
+    pub pin_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub hook: IngressHook,
+    pub default_deny: bool,
+    pub revalidate: bool,
+    pub api: Option<SocketAddr>,
+    pub sizes: MapSizes,
+    pub tick: Duration,
+    pub gc_interval: Duration,
+}
+
+/// The default run directory for a pin directory in this network namespace, so agents of
+/// two namespaces (whose /sys/fs/bpf differ) never share one.
+pub fn default_run_dir(pin_dir: &Path) -> PathBuf {
+    let flat: String = pin_dir
+        .to_string_lossy()
+        .trim_matches('/')
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let netns = std::fs::read_link("/proc/self/ns/net")
+        .ok()
+        .and_then(|l| {
+            l.to_str().map(|s| {
+                s.trim_start_matches("net:[")
+                    .trim_end_matches(']')
+                    .to_string()
+            })
+        })
+        .unwrap_or_default();
+    PathBuf::from("/run/sg").join(format!("{flat}-{netns}"))
+}
+
+/// Rule metadata that the maps cannot tell: saved after every change, so a restarted
+/// agent keeps ids stable and applies only the difference.
+#[derive(Serialize, Deserialize, Default)]
+struct Metadata {
+    rules: Vec<(u32, RuleInfo)>,
+    grants: Vec<(u32, Vec<RuleGrant>)>,
+    interfaces: Vec<(u32, String)>,
+}
+
+enum Event {
+    StateChanged,
+    Reload,
+    Stop,
+}
+
+pub struct Agent {
+    opts: RunOptions,
+    dp: Datapath,
+    plan: Plan,
+    state: Option<LoadedState>,
+    last_error: Option<String>,
+    host: Vec<HostInterface>,
+    attached: BTreeSet<u32>,
+    names: BTreeMap<u32, String>,
+    status: Arc<Mutex<String>>,
+    last_gc: Instant,
+}
+
+impl Agent {
+    /// Validates the state, then adopts or creates the pins and enforces the state.
+    /// Nothing is attached when the state is invalid.
+    pub fn start(opts: RunOptions) -> Result<Agent, AgentError> {
+        let loaded = source::load_file(&opts.state)?;
+        system::ensure_pin_dir(&opts.pin_dir).map_err(io(format!(
+            "preparing pin directory {}",
+            opts.pin_dir.display()
+        )))?;
+        std::fs::create_dir_all(&opts.run_dir)
+            .map_err(io(format!("creating {}", opts.run_dir.display())))?;
+        let mut dp = Datapath::open_pinned(&opts.sizes, &opts.pin_dir)?;
+        let plan = adopt(&mut dp, &opts.run_dir)?;
+        if !plan.prefixes.is_empty() || !plan.interfaces.is_empty() {
+            log::info!(
+                "adopted pinned state: {} interfaces, {} prefixes, {} rulesets",
+                plan.interfaces.len(),
+                plan.prefixes.len(),
+                plan.rulesets.len()
+            );
+        }
+        let mut agent = Agent {
+            opts,
+            dp,
+            plan,
+            state: None,
+            last_error: None,
+            host: vec![],
+            attached: BTreeSet::new(),
+            names: BTreeMap::new(),
+            status: Arc::new(Mutex::new(String::new())),
+            last_gc: Instant::now(),
+        };
+        agent.apply(loaded)?;
+        Ok(agent)
+    }
+
+    /// Runs until SIGINT or SIGTERM; enforcement stays in place afterwards.
+    pub fn run(mut self) -> Result<(), AgentError> {
+        let (tx, rx) = mpsc::channel();
+        spawn_signals(tx.clone())?;
+        spawn_watcher(&self.opts.state, tx);
+        if let Some(addr) = self.opts.api {
+            crate::api::serve(addr, self.status.clone(), self.opts.pin_dir.clone())
+                .map_err(io(format!("serving the API on {addr}")))?;
+        }
+        loop {
+            match rx.recv_timeout(self.opts.tick) {
+                Ok(Event::Stop) => {
+                    log::info!("stopping; programs stay attached and maps pinned");
+                    return Ok(());
+                }
+                Ok(Event::Reload) => {
+                    log::info!("SIGHUP: re-reading {}", self.opts.state.display());
+                    self.reload(true);
+                }
+                Ok(Event::StateChanged) => self.reload(false),
+                Err(mpsc::RecvTimeoutError::Timeout) => self.tick(),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+        }
+    }
+
+    /// Reads the state file; applies it when it changed and is valid, else keeps
+    /// enforcing the last valid state and reports the error.
+    fn reload(&mut self, force: bool) {
+        let text = match std::fs::read(&self.opts.state) {
+            Ok(t) => t,
+            Err(e) => {
+                self.fail(format!("{}: cannot read: {e}", self.opts.state.display()));
+                return;
+            }
+        };
+        let sha = source::sha256_hex(&text);
+        if !force
+            && self.state.as_ref().is_some_and(|s| s.sha256 == sha)
+            && self.last_error.is_none()
+        {
+            return;
+        }
+        match source::load_file(&self.opts.state) {
+            Ok(loaded) => {
+                if let Err(e) = self.apply(loaded) {
+                    self.fail(format!("applying state: {e}"));
+                }
+            }
+            Err(e) => self.fail(e.to_string()),
+        }
+    }
+
+    fn fail(&mut self, error: String) {
+        if self.last_error.as_deref() != Some(error.as_str()) {
+            log::error!("keeping the last valid state: {error}");
+        }
+        self.last_error = Some(error);
+        self.write_status();
+    }
+
+    fn tick(&mut self) {
+        // Hot plug: interfaces that appear or vanish.
+        if let Ok(host) = system::interfaces() {
+            if host != self.host {
+                if let Some(loaded) = self.state.clone() {
+                    log::info!("interfaces changed; reconciling");
+                    if let Err(e) = self.apply(loaded) {
+                        self.fail(format!("reconciling after an interface change: {e}"));
+                    }
+                }
+            }
+        }
+        // Polling fallback for file changes inotify could not see.
+        self.reload(false);
+        if self.last_gc.elapsed() >= self.opts.gc_interval {
+            self.last_gc = Instant::now();
+            match self.gc() {
+                Ok(0) => {}
+                Ok(n) => log::debug!("conntrack GC removed {n} expired flows"),
+                Err(e) => log::warn!("conntrack GC: {e}"),
+            }
+        }
+    }
+
+    /// Compiles `loaded` for the current interfaces and applies the ordered difference.
+    fn apply(&mut self, loaded: LoadedState) -> Result<(), AgentError> {
+        let started = Instant::now();
+        let host = system::interfaces().map_err(io("listing interfaces"))?;
+        let bound = bind(&loaded.state, &host, &self.opts.attach);
+        let locals: Vec<LocalInterface> = bound
+            .iter()
+            .map(|(h, eni)| LocalInterface {
+                ifindex: h.ifindex,
+                eni: eni.clone(),
+            })
+            .collect();
+        let options = Options {
+            default_deny: self.opts.default_deny,
+        };
+        let new = compile(&loaded.state, &locals, &options, Some(&self.plan));
+        let ops = diff(&self.plan, &new);
+        let links = self.opts.pin_dir.join("links");
+        // Interfaces leaving enforcement lose their programs before their maps.
+        for ifindex in pinned_link_ifindexes(&links) {
+            if !new.interfaces.contains_key(&ifindex) {
+                for kind in ["xdp", "tcin", "tcout"] {
+                    datapath::unpin_link(&links.join(datapath::link_name(ifindex, kind)))?;
+                }
+                self.attached.remove(&ifindex);
+                log::info!("ifindex {ifindex}: no longer enforced; detached");
+            }
+        }
+        self.dp.apply(&ops)?;
+        // Interfaces are attached only once their maps are filled.
+        self.names.clear();
+        for (h, eni) in &bound {
+            if !new.interfaces.contains_key(&h.ifindex) {
+                continue;
+            }
+            self.names.insert(h.ifindex, h.name.clone());
+            if self.attached.insert(h.ifindex) {
+                self.dp
+                    .attach_pinned(&h.name, h.ifindex, self.opts.hook, &links)?;
+                log::info!(
+                    "{}: enforcing {eni} ({:?} ingress, TC egress)",
+                    h.name,
+                    self.opts.hook
+                );
+            }
+        }
+        self.plan = new;
+        self.host = host;
+        save_metadata(&self.opts.run_dir, &self.plan)?;
+        let revalidated = if self.opts.revalidate {
+            self.revalidate()?
+        } else {
+            0
+        };
+        log::info!(
+            "applied state {} in {:.1?}: {} map operations, {} enforced interfaces{}",
+            &loaded.sha256[..12],
+            started.elapsed(),
+            ops.len(),
+            self.plan.interfaces.len(),
+            if revalidated > 0 {
+                format!(", {revalidated} flows no longer allowed were dropped")
+            } else {
+                String::new()
+            }
+        );
+        self.state = Some(loaded);
+        self.last_error = None;
+        self.write_status();
+        Ok(())
+    }
+
+    /// Strict mode (SPEC §1.10): drops tracked flows whose opening packet the current
+    /// plan no longer allows.
+    fn revalidate(&mut self) -> Result<usize, AgentError> {
+        let mut stale = Vec::new();
+        for (key, entry, established) in self.dp.flows()? {
+            if !self.plan.interfaces.contains_key(&key.ifindex) {
+                continue;
+            }
+            let (proto, port) = opening_port(&key, entry.origin);
+            let remote = addr_of(key.family, &key.remote);
+            if !self
+                .plan
+                .lookup(key.ifindex, direction_of(entry.origin), remote, proto, port)
+                .allows()
+            {
+                stale.push((key, established));
+            }
+        }
+        Ok(self.dp.delete_flows(&stale)?)
+    }
+
+    /// Deletes expired flows (the datapath treats them as absent already).
+    fn gc(&mut self) -> Result<usize, AgentError> {
+        let offset = self.dp.global()?.clock_offset_ns;
+        let now = system::boot_ns() + offset;
+        let mut expired = Vec::new();
+        for (key, entry, established) in self.dp.flows()? {
+            let timeouts = self
+                .plan
+                .interfaces
+                .get(&key.ifindex)
+                .map_or(ct::DEFAULT_TIMEOUTS, |i| i.config.timeouts);
+            let slot = ct::timeout_slot(key.protocol, entry.tcp_state, entry.flags);
+            if ct::is_expired(now, entry.last_seen_ns, timeouts[slot]) {
+                expired.push((key, established));
+            }
+        }
+        Ok(self.dp.delete_flows(&expired)?)
+    }
+
+    fn write_status(&mut self) {
+        let interfaces: Vec<_> = self
+            .plan
+            .interfaces
+            .iter()
+            .map(|(ifindex, p)| {
+                serde_json::json!({
+                    "ifindex": ifindex,
+                    "name": self.names.get(ifindex),
+                    "network_interface": p.eni,
+                    "groups": self.state.as_ref().and_then(|s| s.state.interface(&p.eni)).map(|n| n.groups.clone()).unwrap_or_default(),
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "agent_pid": std::process::id(),
+            "state_path": self.opts.state,
+            "applied_state_sha256": self.state.as_ref().map(|s| s.sha256.clone()),
+            "last_error": self.last_error,
+            "ingress_hook": format!("{:?}", self.opts.hook).to_lowercase(),
+            "default_deny": self.opts.default_deny,
+            "revalidate": self.opts.revalidate,
+            "interfaces": interfaces,
+            "rules": self.plan.rules.len(),
+            "rulesets": self.plan.rulesets.len(),
+            "prefixes": self.plan.prefixes.len(),
+            "updated_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        })
+        .to_string();
+        if let Err(e) = self.dp.write_status(&doc) {
+            log::warn!("writing status: {e}");
+        }
+        *self.status.lock().unwrap_or_else(|p| p.into_inner()) = doc;
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+}
+
+/// The protocol and policy port of the packet that opened a tracked flow.
+fn opening_port(key: &CtKey, origin: u8) -> (u8, u16) {
+    let local = u16::from_be_bytes(key.local_port);
+    let remote = u16::from_be_bytes(key.remote_port);
+    let port = match key.protocol {
+        PROTO_TCP | PROTO_UDP => {
+            if origin == DIR_INGRESS {
+                local
+            } else {
+                remote
+            }
+        }
+        // Echo flows: the request (8 or 128), code 0.
+        PROTO_ICMP if remote & 0x100 != 0 => 8 << 8,
+        PROTO_ICMPV6 if remote & 0x100 != 0 => 128 << 8,
+        _ => 0,
+    };
+    (key.protocol, port)
+}
+
+/// Binds network interfaces of the state to local interfaces: `--attach IFACE=ENI`
+/// first, then by MAC address.
+pub fn bind(
+    state: &State,
+    host: &[HostInterface],
+    attach: &[(String, String)],
+) -> Vec<(HostInterface, String)> {
+    let mut out = Vec::new();
+    let explicit: BTreeSet<&str> = attach.iter().map(|(i, _)| i.as_str()).collect();
+    let explicit_enis: BTreeSet<&str> = attach.iter().map(|(_, e)| e.as_str()).collect();
+    for (iface, eni) in attach {
+        match (host.iter().find(|h| &h.name == iface), state.interface(eni)) {
+            (Some(h), Some(_)) => out.push((h.clone(), eni.clone())),
+            (None, _) => log::warn!("--attach {iface}={eni}: no interface {iface} here (yet)"),
+            (_, None) => {
+                log::warn!("--attach {iface}={eni}: no network interface {eni} in the state")
+            }
+        }
+    }
+    for ni in &state.network_interfaces {
+        if explicit_enis.contains(ni.id.as_str()) {
+            continue;
+        }
+        let Some(mac) = &ni.mac else { continue };
+        if let Some(h) = host
+            .iter()
+            .find(|h| h.mac.as_deref() == Some(mac.as_str()) && !explicit.contains(h.name.as_str()))
+        {
+            out.push((h.clone(), ni.id.clone()));
+        }
+    }
+    out
+}
+
+fn pinned_link_ifindexes(links: &Path) -> BTreeSet<u32> {
+    std::fs::read_dir(links)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.split('-').next()?.parse().ok())
+        })
+        .collect()
+}
+
+/// The previous plan: what the maps hold, with the saved metadata when it matches them.
+fn adopt(dp: &mut Datapath, run_dir: &Path) -> Result<Plan, AgentError> {
+    let mut plan = dp.read_back()?;
+    let path = run_dir.join("plan.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(plan);
+    };
+    let Ok(meta) = serde_json::from_str::<Metadata>(&text) else {
+        log::warn!(
+            "{}: unreadable; rebuilding ids from the maps",
+            path.display()
+        );
+        return Ok(plan);
+    };
+    let rules: BTreeMap<u32, RuleInfo> = meta.rules.into_iter().collect();
+    let consistent = meta.grants.iter().all(|(id, grants)| {
+        let grants = grants.iter().copied().collect();
+        plan.rulesets
+            .get(id)
+            .is_some_and(|r| r.ports == port_entries(&grants, &rules))
+    }) && meta.grants.len() == plan.rulesets.len();
+    if !consistent {
+        log::warn!(
+            "{}: does not match the pinned maps; rebuilding ids from the maps",
+            path.display()
+        );
+        return Ok(plan);
+    }
+    for (id, grants) in meta.grants {
+        if let Some(r) = plan.rulesets.get_mut(&id) {
+            r.grants = grants.into_iter().collect();
+        }
+    }
+    for (ifindex, eni) in meta.interfaces {
+        if let Some(i) = plan.interfaces.get_mut(&ifindex) {
+            i.eni = eni;
+        }
+    }
+    plan.rules = rules;
+    Ok(plan)
+}
+
+fn save_metadata(run_dir: &Path, plan: &Plan) -> Result<(), AgentError> {
+    let meta = Metadata {
+        rules: plan.rules.iter().map(|(id, r)| (*id, r.clone())).collect(),
+        grants: plan
+            .rulesets
+            .iter()
+            .map(|(id, r)| (*id, r.grants.iter().copied().collect()))
+            .collect(),
+        interfaces: plan
+            .interfaces
+            .iter()
+            .map(|(i, p)| (*i, p.eni.clone()))
+            .collect(),
+    };
+    let path = run_dir.join("plan.json");
+    let tmp = run_dir.join("plan.json.tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(
+            serde_json::to_string(&meta)
+                .map_err(std::io::Error::other)?
+                .as_bytes(),
+        )?;
+        std::fs::rename(&tmp, &path)
+    };
+    write().map_err(io(format!("saving {}", path.display())))
+}
+
+fn spawn_signals(tx: mpsc::Sender<Event>) -> Result<(), AgentError> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .map_err(io("installing signal handlers"))?;
+    std::thread::spawn(move || {
+        for sig in signals.forever() {
+            let ev = if sig == SIGHUP {
+                Event::Reload
+            } else {
+                Event::Stop
+            };
+            if tx.send(ev).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Watches the state file's directory with inotify: in-place writes (on close), renames
+/// over it and symlink swaps all show up there.
+fn spawn_watcher(state: &Path, tx: mpsc::Sender<Event>) {
+    let dir = state
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let mut dirs = vec![dir];
+    if let Ok(target) = std::fs::canonicalize(state) {
+        if let Some(p) = target.parent() {
+            if !dirs.iter().any(|d| d == p) {
+                dirs.push(p.to_path_buf());
+            }
+        }
+    }
+    std::thread::spawn(move || {
+        if let Err(e) = crate::inotify::watch(&dirs, || tx.send(Event::StateChanged).is_ok()) {
+            log::warn!("inotify unavailable ({e}); polling the state file every tick");
+        }
+    });
+}

@@ -1,0 +1,146 @@
+//! The host: bpffs, local interfaces (in the agent's network namespace), the boot clock.
+#![allow(unsafe_code)]
+
+use std::{
+    ffi::{CStr, CString},
+    io,
+    os::unix::{ffi::OsStrExt, fs::DirBuilderExt},
+    path::{Path, PathBuf},
+};
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Whether `path` lies on a bpffs.
+pub fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct we own; `c` is a valid C string.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+fn mount_bpffs(target: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(target)?;
+    let t = CString::new(target.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let opts = CString::new("mode=0700").expect("static");
+    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            t.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            opts.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Makes sure `pin_dir` is a 0700 directory on a bpffs, mounting one when needed: at
+/// `/sys/fs/bpf` for pin directories below it, else on the pin directory itself.
+pub fn ensure_pin_dir(pin_dir: &Path) -> io::Result<()> {
+    let sys = Path::new("/sys/fs/bpf");
+    let mount_at: PathBuf = if pin_dir.starts_with(sys) {
+        sys.into()
+    } else {
+        pin_dir.into()
+    };
+    let on_bpffs = |p: &Path| p.exists() && is_bpffs(p);
+    if !(on_bpffs(pin_dir) || pin_dir.parent().is_some_and(on_bpffs) || on_bpffs(&mount_at)) {
+        log::info!("mounting bpffs at {}", mount_at.display());
+        mount_bpffs(&mount_at)?;
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(pin_dir)?;
+    std::fs::set_permissions(pin_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    Ok(())
+}
+
+/// A network interface of this host.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HostInterface {
+    pub name: String,
+    pub ifindex: u32,
+    /// Lower-case `aa:bb:cc:dd:ee:ff`; None for interfaces without an Ethernet address.
+    pub mac: Option<String>,
+}
+
+/// Every interface in the current network namespace (if_nameindex and SIOCGIFHWADDR,
+/// which, unlike /sys, always answer for the caller's own namespace).
+pub fn interfaces() -> io::Result<Vec<HostInterface>> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return Err(io::Error::last_os_error());
+        }
+        let mut p = list;
+        while (*p).if_index != 0 && !(*p).if_name.is_null() {
+            let name = CStr::from_ptr((*p).if_name).to_string_lossy().into_owned();
+            out.push(HostInterface {
+                mac: mac_of(&name),
+                name,
+                ifindex: (*p).if_index,
+            });
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn mac_of(name: &str) -> Option<String> {
+    // SAFETY: a datagram socket for the ioctl, closed below; ifreq is zeroed and owned.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in name.bytes().take(libc::IFNAMSIZ - 1).enumerate() {
+            req.ifr_name[i] = b as libc::c_char;
+        }
+        let rc = libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req);
+        libc::close(fd);
+        if rc != 0 {
+            return None;
+        }
+        let sa = req.ifr_ifru.ifru_hwaddr;
+        if sa.sa_family != libc::ARPHRD_ETHER {
+            return None;
+        }
+        let b: Vec<u8> = sa.sa_data[..6].iter().map(|c| *c as u8).collect();
+        if b.iter().all(|x| *x == 0) {
+            return None;
+        }
+        Some(
+            b.iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<Vec<_>>()
+                .join(":"),
+        )
+    }
+}
+
+/// CLOCK_BOOTTIME in nanoseconds: the clock the datapath uses.
+pub fn boot_ns() -> u64 {
+    // SAFETY: clock_gettime writes into the struct we own.
+    unsafe {
+        let mut ts: libc::timespec = std::mem::zeroed();
+        libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts);
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    }
+}

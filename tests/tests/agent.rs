@@ -1,0 +1,506 @@
+//! Real agents in namespaces, real sockets: both state formats, membership changes,
+//! crash and restart under load, invalid states, two interfaces on one host.
+
+use std::{
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use sg_tests::{
+    lab::{tcp, write_state, Host, Lab, TempDir},
+    privileges::require_root,
+    wait_for,
+};
+
+const WEB1_MAC: &str = "02:5e:00:00:01:01";
+const DB_MAC: &str = "02:5e:00:00:02:01";
+
+fn example(name: &str) -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples")
+            .join(name),
+    )
+    .expect("example")
+}
+
+/// web1, db, an outsider and an administrator on one bridge, servers listening.
+struct TwoTier {
+    _lab: Lab,
+    web1: Host,
+    db: Host,
+    outsider: Host,
+    admin: Host,
+}
+
+fn two_tier() -> TwoTier {
+    let mut lab = Lab::new();
+    let web1 = lab.host("web1", WEB1_MAC, &["198.18.1.11/16", "2001:db8:1::11/32"]);
+    let db = lab.host("db", DB_MAC, &["198.18.2.21/16", "2001:db8:2::21/32"]);
+    let outsider = lab.host(
+        "out",
+        "02:5e:00:00:09:09",
+        &["198.18.200.1/16", "2001:db8:200::1/32"],
+    );
+    let admin = lab.host(
+        "adm",
+        "02:5e:00:00:09:0a",
+        &["198.18.100.10/16", "2001:db8:100::10/32"],
+    );
+    tcp::echo_server(&db.ns, "[::]:3306");
+    tcp::echo_server(&db.ns, "[::]:9999");
+    tcp::echo_server(&web1.ns, "[::]:80");
+    tcp::echo_server(&web1.ns, "[::]:22");
+    tcp::echo_server(&outsider.ns, "[::]:7777");
+    wait_for("the lab", Duration::from_secs(10), || {
+        tcp::reaches(&outsider.ns, "198.18.2.21:9999").then_some(())
+    });
+    TwoTier {
+        _lab: lab,
+        web1,
+        db,
+        outsider,
+        admin,
+    }
+}
+
+/// The seed checks that involve the database and web1, from every side.
+fn check_two_tier(t: &TwoTier, what: &str) {
+    let cases: [(&str, &Host, &str, bool); 10] = [
+        ("web1 → db:3306", &t.web1, "198.18.2.21:3306", true),
+        ("web1 → db:3306 v6", &t.web1, "[2001:db8:2::21]:3306", true),
+        ("outsider → db:3306", &t.outsider, "198.18.2.21:3306", false),
+        (
+            "outsider → db:3306 v6",
+            &t.outsider,
+            "[2001:db8:2::21]:3306",
+            false,
+        ),
+        ("web1 → db:9999", &t.web1, "198.18.2.21:9999", false),
+        ("outsider → web1:80", &t.outsider, "198.18.1.11:80", true),
+        ("outsider → web1:22", &t.outsider, "198.18.1.11:22", false),
+        ("admin → web1:22", &t.admin, "198.18.1.11:22", true),
+        (
+            "db → outsider:7777 (egress, stateful)",
+            &t.db,
+            "198.18.200.1:7777",
+            true,
+        ),
+        (
+            "web1 → outsider:7777 (egress, stateful)",
+            &t.web1,
+            "[2001:db8:200::1]:7777",
+            true,
+        ),
+    ];
+    for (name, from, to, want) in cases {
+        assert_eq!(tcp::reaches(&from.ns, to), want, "{what}: {name}");
+    }
+}
+
+#[test]
+fn both_state_formats_enforce_the_same_and_restart_adopts() {
+    if !require_root("both_state_formats_enforce_the_same_and_restart_adopts") {
+        return;
+    }
+    let t = two_tier();
+    let dir = TempDir::new("formats");
+    for (i, file) in ["two-tier.toml", "two-tier.json"].into_iter().enumerate() {
+        let state = dir.path(file);
+        let sha = write_state(&state, &example(file));
+        let mut agents = vec![];
+        for h in [&t.web1, &t.db] {
+            let mut a = h.start_agent(&state, &[], &dir.path(&format!("{}-{i}.log", h.name)));
+            h.wait_applied(&sha, &mut a);
+            agents.push(a);
+        }
+        check_two_tier(&t, file);
+        // SIGTERM: programs stay attached and enforcing.
+        for a in &mut agents {
+            a.stop();
+        }
+        assert!(
+            !tcp::reaches(&t.outsider.ns, "198.18.2.21:3306"),
+            "{file}: still enforced after the agent exits"
+        );
+        assert!(
+            tcp::reaches(&t.web1.ns, "198.18.2.21:3306"),
+            "{file}: still allowed after the agent exits"
+        );
+        let st = t.db.status().expect("status after exit");
+        assert_eq!(st["agent_running"], false);
+        assert_eq!(st["applied_state_sha256"].as_str(), Some(sha.as_str()));
+    }
+    // Detach removes everything: the database is open again.
+    for h in [&t.web1, &t.db] {
+        let out = h
+            .cmd(sg_tests::lab::agent_bin())
+            .arg("detach")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "detach: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    wait_for("detach to take effect", Duration::from_secs(5), || {
+        tcp::reaches(&t.outsider.ns, "198.18.2.21:3306").then_some(())
+    });
+    let link = String::from_utf8_lossy(&t.db.ns.ip(&["link", "show", "eth0"]).stdout).to_string();
+    assert!(!link.contains("xdp"), "no program left: {link}");
+}
+
+#[test]
+fn membership_change_admits_new_and_keeps_established_connections() {
+    if !require_root("membership_change_admits_new_and_keeps_established_connections") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let db = lab.host("db", DB_MAC, &["198.18.2.21/16"]);
+    let web3 = lab.host("web3", "02:5e:00:00:01:03", &["198.18.1.13/16"]);
+    tcp::echo_server(&db.ns, "[::]:3306");
+    wait_for("the lab", Duration::from_secs(10), || {
+        tcp::reaches(&web3.ns, "198.18.2.21:3306").then_some(())
+    });
+    let dir = TempDir::new("member");
+    let state = dir.path("state.toml");
+    let base = example("two-tier.toml");
+    let sha = write_state(&state, &base);
+    let mut agent = db.start_agent(&state, &[], &dir.path("db.log"));
+    db.wait_applied(&sha, &mut agent);
+    assert!(
+        !tcp::reaches(&web3.ns, "198.18.2.21:3306"),
+        "web3 is not a member yet"
+    );
+
+    let joined = format!(
+        "{base}\n[[interface]]\nid = \"eni-web3\"\nmac = \"02:5e:00:00:01:03\"\nipv4 = [\"198.18.1.13\"]\ngroups = [\"sg-0a00000000000web\"]\n"
+    );
+    let sha = write_state(&state, &joined);
+    db.wait_applied(&sha, &mut agent);
+    assert!(
+        tcp::reaches(&web3.ns, "198.18.2.21:3306"),
+        "web3 joined web-sg: admitted without a restart"
+    );
+    let mut established =
+        tcp::connect(&web3.ns, "198.18.2.21:3306", None, Duration::from_secs(1)).expect("connect");
+    assert!(tcp::echo_ok(&mut established));
+
+    let sha = write_state(&state, &base);
+    db.wait_applied(&sha, &mut agent);
+    assert!(
+        !tcp::reaches(&web3.ns, "198.18.2.21:3306"),
+        "web3 left: new connections denied"
+    );
+    for _ in 0..5 {
+        assert!(
+            tcp::echo_ok(&mut established),
+            "the established connection keeps working (SPEC §1.10)"
+        );
+    }
+}
+
+#[test]
+fn revalidate_mode_cuts_connections_that_policy_no_longer_allows() {
+    if !require_root("revalidate_mode_cuts_connections_that_policy_no_longer_allows") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let db = lab.host("db", DB_MAC, &["198.18.2.21/16"]);
+    let web3 = lab.host("web3", "02:5e:00:00:01:03", &["198.18.1.13/16"]);
+    tcp::echo_server(&db.ns, "[::]:3306");
+    wait_for("the lab", Duration::from_secs(10), || {
+        tcp::reaches(&web3.ns, "198.18.2.21:3306").then_some(())
+    });
+    let dir = TempDir::new("revalidate");
+    let state = dir.path("state.toml");
+    let base = example("two-tier.toml");
+    let joined = format!(
+        "{base}\n[[interface]]\nid = \"eni-web3\"\nmac = \"02:5e:00:00:01:03\"\nipv4 = [\"198.18.1.13\"]\ngroups = [\"sg-0a00000000000web\"]\n"
+    );
+    let sha = write_state(&state, &joined);
+    let mut agent = db.start_agent(&state, &["--revalidate"], &dir.path("db.log"));
+    db.wait_applied(&sha, &mut agent);
+    let mut established =
+        tcp::connect(&web3.ns, "198.18.2.21:3306", None, Duration::from_secs(1)).expect("connect");
+    assert!(tcp::echo_ok(&mut established));
+    let sha = write_state(&state, &base);
+    db.wait_applied(&sha, &mut agent);
+    assert!(
+        !tcp::echo_ok(&mut established),
+        "strict mode drops the connection the new policy denies"
+    );
+}
+
+#[test]
+fn kill_9_and_restart_under_load_breaks_nothing_and_lets_nothing_through() {
+    if !require_root("kill_9_and_restart_under_load_breaks_nothing_and_lets_nothing_through") {
+        return;
+    }
+    let t = two_tier();
+    let dir = TempDir::new("kill9");
+    let state = dir.path("state.toml");
+    let sha = write_state(&state, &example("two-tier.toml"));
+    let mut agent = t.db.start_agent(&state, &[], &dir.path("db-1.log"));
+    t.db.wait_applied(&sha, &mut agent);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let broken = Arc::new(AtomicU64::new(0));
+    let round_trips = Arc::new(AtomicU64::new(0));
+    let mut streams = vec![];
+    for _ in 0..50 {
+        let mut s = tcp::connect(&t.web1.ns, "198.18.2.21:3306", None, Duration::from_secs(2))
+            .expect("connect");
+        let (stop, broken, rt) = (stop.clone(), broken.clone(), round_trips.clone());
+        streams.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if tcp::echo_ok(&mut s) {
+                    rt.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    broken.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }));
+    }
+    let delivered = Arc::new(AtomicU64::new(0));
+    let probes = Arc::new(AtomicU64::new(0));
+    let prober = {
+        let (stop, delivered, probes) = (stop.clone(), delivered.clone(), probes.clone());
+        let ns_name = t.outsider.ns.name().to_string();
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(format!("/run/netns/{ns_name}")).unwrap();
+            // SAFETY: setns on this thread only.
+            assert_eq!(
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) },
+                0
+            );
+            while !stop.load(Ordering::Relaxed) {
+                probes.fetch_add(1, Ordering::Relaxed);
+                if std::net::TcpStream::connect_timeout(
+                    &"198.18.2.21:3306".parse().unwrap(),
+                    Duration::from_millis(100),
+                )
+                .is_ok()
+                {
+                    delivered.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    agent.kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let mut agent = t.db.start_agent(&state, &[], &dir.path("db-2.log"));
+    t.db.wait_applied(&sha, &mut agent);
+    let log = agent.log_text();
+    assert!(
+        log.contains("adopted pinned state"),
+        "the restarted agent adopts the pins:\n{log}"
+    );
+    assert!(
+        log.contains(": 0 map operations"),
+        "and applies only the difference (none):\n{log}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    for s in streams {
+        s.join().unwrap();
+    }
+    prober.join().unwrap();
+    eprintln!(
+        "kill -9: restart applied in {:.0?}; {} round trips on 50 connections, {} broken; {} denied probes, {} delivered",
+        started.elapsed(),
+        round_trips.load(Ordering::Relaxed),
+        broken.load(Ordering::Relaxed),
+        probes.load(Ordering::Relaxed),
+        delivered.load(Ordering::Relaxed)
+    );
+    assert_eq!(
+        broken.load(Ordering::Relaxed),
+        0,
+        "established connections broken"
+    );
+    assert_eq!(
+        delivered.load(Ordering::Relaxed),
+        0,
+        "denied probes delivered"
+    );
+    assert!(probes.load(Ordering::Relaxed) > 5);
+}
+
+#[test]
+fn an_invalid_state_keeps_the_last_valid_one_enforced() {
+    if !require_root("an_invalid_state_keeps_the_last_valid_one_enforced") {
+        return;
+    }
+    let t = two_tier();
+    let dir = TempDir::new("invalid");
+    let state = dir.path("state.toml");
+    let good = example("two-tier.toml");
+    let sha = write_state(&state, &good);
+    let mut agent = t.db.start_agent(&state, &[], &dir.path("db.log"));
+    t.db.wait_applied(&sha, &mut agent);
+    let bad = good.replace("ports = \"3306\"", "ports = \"3306-80\"");
+    write_state(&state, &bad);
+    let st = wait_for("the error in status", Duration::from_secs(10), || {
+        let s = t.db.status()?;
+        s["last_error"].as_str().map(|e| e.to_string())
+    });
+    assert!(
+        st.contains("sg-0a000000000000db") && st.contains("ingress[0].ports"),
+        "error names object and field: {st}"
+    );
+    assert_eq!(
+        t.db.status().unwrap()["applied_state_sha256"].as_str(),
+        Some(sha.as_str())
+    );
+    assert!(
+        tcp::reaches(&t.web1.ns, "198.18.2.21:3306"),
+        "old policy still allows"
+    );
+    assert!(
+        !tcp::reaches(&t.outsider.ns, "198.18.2.21:3306"),
+        "old policy still denies"
+    );
+    // An invalid state at start: exit 1, nothing attached.
+    let fresh = TempDir::new("invalid-start");
+    let bad_path = fresh.path("bad.toml");
+    std::fs::write(&bad_path, &bad).unwrap();
+    let out = t
+        .outsider
+        .cmd(sg_tests::lab::agent_bin())
+        .args(["run", "--state"])
+        .arg(&bad_path)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let link =
+        String::from_utf8_lossy(&t.outsider.ns.ip(&["link", "show", "eth0"]).stdout).to_string();
+    assert!(!link.contains("xdp"));
+    assert!(
+        tcp::reaches(&t.web1.ns, "198.18.200.1:7777"),
+        "nothing attached on the outsider"
+    );
+}
+
+#[test]
+fn two_interfaces_in_different_groups_are_enforced_independently() {
+    if !require_root("two_interfaces_in_different_groups_are_enforced_independently") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let multi = lab.host("multi", "02:5e:00:00:05:00", &["198.18.5.1/16"]);
+    // A second interface on the same bridge, in another subnet.
+    let port = "pm1";
+    sg_tests::netns::run(std::process::Command::new("ip").args([
+        "link",
+        "add",
+        "eth1",
+        "netns",
+        multi.ns.name(),
+        "address",
+        "02:5e:00:00:05:01",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        port,
+        "netns",
+        lab.switch.name(),
+    ]));
+    lab.switch.ip(&["link", "set", port, "master", "br0", "up"]);
+    multi
+        .ns
+        .ip(&["addr", "add", "198.19.5.1/24", "dev", "eth1"]);
+    multi.ns.ip(&["link", "set", "eth1", "up"]);
+    for (k, v) in [("arp_ignore", "1"), ("arp_announce", "2")] {
+        for dev in ["all", "eth0", "eth1"] {
+            multi
+                .cmd("sysctl")
+                .args(["-qw", &format!("net.ipv4.conf.{dev}.{k}={v}")])
+                .status()
+                .unwrap();
+        }
+    }
+    let web = lab.host(
+        "web",
+        "02:5e:00:00:05:02",
+        &["198.18.5.2/16", "198.19.5.2/24"],
+    );
+    let other = lab.host(
+        "other",
+        "02:5e:00:00:05:03",
+        &["198.18.5.3/16", "198.19.5.3/24"],
+    );
+    tcp::echo_server(&multi.ns, "0.0.0.0:80");
+    tcp::echo_server(&multi.ns, "0.0.0.0:3306");
+    wait_for("the lab", Duration::from_secs(10), || {
+        tcp::reaches(&other.ns, "198.19.5.1:3306").then_some(())
+    });
+    let text = r#"
+[[security_group]]
+id = "sg-web"
+ingress = [{ protocol = "tcp", ports = "80", from = ["0.0.0.0/0"] }]
+[[security_group]]
+id = "sg-db"
+ingress = [{ protocol = "tcp", ports = "3306", from = ["sg-web"] }]
+[[interface]]
+id = "eni-multi-0"
+mac = "02:5e:00:00:05:00"
+ipv4 = ["198.18.5.1"]
+groups = ["sg-web"]
+[[interface]]
+id = "eni-multi-1"
+mac = "02:5e:00:00:05:01"
+ipv4 = ["198.19.5.1"]
+groups = ["sg-db"]
+[[interface]]
+id = "eni-web"
+ipv4 = ["198.18.5.2", "198.19.5.2"]
+groups = ["sg-web"]
+"#;
+    let dir = TempDir::new("two-ifaces");
+    let state = dir.path("state.toml");
+    let sha = write_state(&state, text);
+    let mut agent = multi.start_agent(&state, &[], &dir.path("multi.log"));
+    multi.wait_applied(&sha, &mut agent);
+    let st = multi.status().unwrap();
+    assert_eq!(
+        st["interfaces"].as_array().map(|a| a.len()),
+        Some(2),
+        "{st}"
+    );
+    assert!(
+        tcp::reaches(&other.ns, "198.18.5.1:80"),
+        "eth0 (web-sg): 80 from anywhere"
+    );
+    assert!(
+        !tcp::reaches(&other.ns, "198.18.5.1:3306"),
+        "eth0 (web-sg): no 3306"
+    );
+    assert!(
+        !tcp::reaches(&other.ns, "198.19.5.1:80"),
+        "eth1 (db-sg): no 80"
+    );
+    assert!(
+        !tcp::reaches(&other.ns, "198.19.5.1:3306"),
+        "eth1 (db-sg): 3306 only from web-sg members"
+    );
+    assert!(
+        tcp::reaches_from(&web.ns, "198.19.5.1:3306", Some("198.19.5.2")),
+        "eth1 (db-sg): 3306 from a web-sg member (secondary address)"
+    );
+}
