@@ -1,5 +1,19 @@
-use anyhow::Result;
-use std::path::Path;
-pub fn run(_agent: &Path, _keep: bool) -> Result<()> {
-    anyhow::bail!("demo: not built yet")
+//! `cargo xtask demo`: builds the demo (with the agent it drives) and runs it.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{bail, Context, Result};
+
+pub fn run(agent: &Path, keep: bool) -> Result<()> {
+    let bin = crate::build_test_bin("sg-demo")?;
+    let mut cmd = Command::new(bin);
+    cmd.env("SG_AGENT_BIN", agent);
+    if keep {
+        cmd.arg("--keep");
+    }
+    let st = cmd.status().context("running the demo")?;
+    if !st.success() {
+        bail!("the demo found mismatches");
+    }
+    Ok(())
 }

@@ -141,6 +141,19 @@ pub fn build_agent() -> Result<PathBuf> {
     Ok(root().join("target/release/sg-agent"))
 }
 
+/// Builds a binary of the tests crate (demo, benchmarks) with the eBPF object, so it
+/// shares the test build's artifacts.
+pub fn build_test_bin(name: &str) -> Result<PathBuf> {
+    let object = build_ebpf()?;
+    status(
+        Command::new("cargo")
+            .current_dir(root())
+            .args(["build", "--locked", "--release", "-p", "sg-tests", "--bin", name])
+            .env("SG_EBPF_OBJECT", &object),
+    )?;
+    Ok(root().join("target/release").join(name))
+}
+
 fn run(args: &[String]) -> Result<()> {
     let agent = build_agent()?;
     let st = Command::new(&agent)
