@@ -7,7 +7,12 @@ use sg_agent::{
 };
 
 fn example(name: &str) -> String {
-    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples").join(name)).unwrap()
+    std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples")
+            .join(name),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -19,14 +24,32 @@ fn both_example_formats_describe_the_same_state() {
     for (a, b) in native.security_groups.iter().zip(&aws.security_groups) {
         assert_eq!((&a.id, &a.name), (&b.id, &b.name));
         for dir in Direction::BOTH {
-            let strip = |rules: &[sg_agent::model::Rule]| rules.iter().map(|r| (r.protocol, r.ports, r.peers.clone())).collect::<Vec<_>>();
+            let strip = |rules: &[sg_agent::model::Rule]| {
+                rules
+                    .iter()
+                    .map(|r| (r.protocol, r.ports, r.peers.clone()))
+                    .collect::<Vec<_>>()
+            };
             assert_eq!(strip(a.rules(dir)), strip(b.rules(dir)), "{} {dir}", a.id);
         }
     }
     let db = &native.security_groups[1];
-    assert_eq!(db.ingress[0].peers, vec![Peer::Group("sg-0a00000000000web".into())]);
-    assert_eq!(db.ingress[0].ports, PortMatch::Ports { from: 3306, to: 3306 });
-    assert_eq!(db.egress[0].protocol, Protocol::All, "absent egress in the native format is the default rule");
+    assert_eq!(
+        db.ingress[0].peers,
+        vec![Peer::Group("sg-0a00000000000web".into())]
+    );
+    assert_eq!(
+        db.ingress[0].ports,
+        PortMatch::Ports {
+            from: 3306,
+            to: 3306
+        }
+    );
+    assert_eq!(
+        db.egress[0].protocol,
+        Protocol::All,
+        "absent egress in the native format is the default rule"
+    );
 }
 
 #[test]
@@ -42,16 +65,33 @@ fn aws_json_semantics() {
     )
     .unwrap();
     let g = &s.security_groups[0];
-    assert!(g.egress.is_empty(), "absent IpPermissionsEgress means no egress rules");
-    assert_eq!(g.ingress[0].ports, PortMatch::Icmp { icmp_type: Some(8), code: None });
+    assert!(
+        g.egress.is_empty(),
+        "absent IpPermissionsEgress means no egress rules"
+    );
+    assert_eq!(
+        g.ingress[0].ports,
+        PortMatch::Icmp {
+            icmp_type: Some(8),
+            code: None
+        }
+    );
     assert_eq!(g.ingress[1].peers, vec![Peer::PrefixList("pl-1".into())]);
     assert_eq!(g.ingress[2].protocol, Protocol::Number(50));
     assert_eq!(g.ingress[3].ports, PortMatch::Ports { from: 0, to: 65535 });
-    assert!(s.network_interfaces.is_empty(), "a missing list is an empty list");
+    assert!(
+        s.network_interfaces.is_empty(),
+        "a missing list is an empty list"
+    );
 }
 
 /// (description, file extension, content, substrings every message must contain)
-type Bad = (&'static str, &'static str, &'static str, &'static [&'static str]);
+type Bad = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [&'static str],
+);
 
 const GROUP: &str = "[[security_group]]\nid = \"sg-a\"\n";
 
@@ -89,27 +129,100 @@ fn corpus() -> Vec<(String, &'static str, String, Vec<&'static str>)> {
         ("zero timeout", "toml", "[[interface]]\nid = \"eni-1\"\ntimeouts = { udp = 0 }", &["network interface eni-1", "timeouts.udp"]),
     ];
     let aws: Vec<Bad> = vec![
-        ("json syntax error", "json", "{\"SecurityGroups\": [", &["syntax", "line"]),
-        ("aws unknown protocol", "json", r#"{"SecurityGroups":[{"GroupId":"sg-1","IpPermissions":[{"IpProtocol":"tcpx","FromPort":1,"ToPort":2,"IpRanges":[{"CidrIp":"0.0.0.0/0"}]}]}]}"#, &["security group sg-1", "IpPermissions[0].IpProtocol"]),
-        ("aws port out of range", "json", r#"{"SecurityGroups":[{"GroupId":"sg-1","IpPermissions":[{"IpProtocol":"tcp","FromPort":1,"ToPort":70000,"IpRanges":[{"CidrIp":"0.0.0.0/0"}]}]}]}"#, &["sg-1", "IpPermissions[0].ToPort"]),
-        ("aws from > to", "json", r#"{"SecurityGroups":[{"GroupId":"sg-1","IpPermissionsEgress":[{"IpProtocol":"udp","FromPort":9,"ToPort":1,"IpRanges":[{"CidrIp":"0.0.0.0/0"}]}]}]}"#, &["sg-1", "egress[0].ports"]),
-        ("aws bad cidr", "json", r#"{"SecurityGroups":[{"GroupId":"sg-1","IpPermissions":[{"IpProtocol":"-1","IpRanges":[{"CidrIp":"10.0.0/8"}]}]}]}"#, &["sg-1", "IpPermissions[0].IpRanges[0].CidrIp"]),
-        ("aws v6 cidr in IpRanges", "json", r#"{"SecurityGroups":[{"GroupId":"sg-1","IpPermissions":[{"IpProtocol":"-1","IpRanges":[{"CidrIp":"::/0"}]}]}]}"#, &["sg-1", "IpRanges[0].CidrIp", "IPv4"]),
-        ("aws unknown group pair", "json", r#"{"SecurityGroups":[{"GroupId":"sg-1","IpPermissions":[{"IpProtocol":"-1","UserIdGroupPairs":[{"GroupId":"sg-9"}]}]}]}"#, &["sg-1", "sg-9"]),
-        ("aws missing GroupId", "json", r#"{"SecurityGroups":[{"GroupName":"x"}]}"#, &["GroupId"]),
-        ("aws duplicate group", "json", r#"{"SecurityGroups":[{"GroupId":"sg-1"},{"GroupId":"sg-1"}]}"#, &["security group sg-1", "duplicate"]),
-        ("aws interface unknown group", "json", r#"{"NetworkInterfaces":[{"NetworkInterfaceId":"eni-1","Groups":[{"GroupId":"sg-404"}]}]}"#, &["network interface eni-1", "groups[0]", "sg-404"]),
-        ("aws interface bad address", "json", r#"{"NetworkInterfaces":[{"NetworkInterfaceId":"eni-1","PrivateIpAddresses":[{"PrivateIpAddress":"nope"}]}]}"#, &["network interface eni-1", "PrivateIpAddresses[0].PrivateIpAddress"]),
-        ("aws prefix list bad entry", "json", r#"{"ManagedPrefixLists":[{"PrefixListId":"pl-1","AddressFamily":"IPv4","Entries":[{"Cidr":"x"}]}]}"#, &["prefix list pl-1", "Entries[0].Cidr"]),
+        (
+            "json syntax error",
+            "json",
+            "{\"SecurityGroups\": [",
+            &["syntax", "line"],
+        ),
+        (
+            "aws unknown protocol",
+            "json",
+            r#"{"SecurityGroups":[{"GroupId":"sg-1","IpPermissions":[{"IpProtocol":"tcpx","FromPort":1,"ToPort":2,"IpRanges":[{"CidrIp":"0.0.0.0/0"}]}]}]}"#,
+            &["security group sg-1", "IpPermissions[0].IpProtocol"],
+        ),
+        (
+            "aws port out of range",
+            "json",
+            r#"{"SecurityGroups":[{"GroupId":"sg-1","IpPermissions":[{"IpProtocol":"tcp","FromPort":1,"ToPort":70000,"IpRanges":[{"CidrIp":"0.0.0.0/0"}]}]}]}"#,
+            &["sg-1", "IpPermissions[0].ToPort"],
+        ),
+        (
+            "aws from > to",
+            "json",
+            r#"{"SecurityGroups":[{"GroupId":"sg-1","IpPermissionsEgress":[{"IpProtocol":"udp","FromPort":9,"ToPort":1,"IpRanges":[{"CidrIp":"0.0.0.0/0"}]}]}]}"#,
+            &["sg-1", "egress[0].ports"],
+        ),
+        (
+            "aws bad cidr",
+            "json",
+            r#"{"SecurityGroups":[{"GroupId":"sg-1","IpPermissions":[{"IpProtocol":"-1","IpRanges":[{"CidrIp":"10.0.0/8"}]}]}]}"#,
+            &["sg-1", "IpPermissions[0].IpRanges[0].CidrIp"],
+        ),
+        (
+            "aws v6 cidr in IpRanges",
+            "json",
+            r#"{"SecurityGroups":[{"GroupId":"sg-1","IpPermissions":[{"IpProtocol":"-1","IpRanges":[{"CidrIp":"::/0"}]}]}]}"#,
+            &["sg-1", "IpRanges[0].CidrIp", "IPv4"],
+        ),
+        (
+            "aws unknown group pair",
+            "json",
+            r#"{"SecurityGroups":[{"GroupId":"sg-1","IpPermissions":[{"IpProtocol":"-1","UserIdGroupPairs":[{"GroupId":"sg-9"}]}]}]}"#,
+            &["sg-1", "sg-9"],
+        ),
+        (
+            "aws missing GroupId",
+            "json",
+            r#"{"SecurityGroups":[{"GroupName":"x"}]}"#,
+            &["GroupId"],
+        ),
+        (
+            "aws duplicate group",
+            "json",
+            r#"{"SecurityGroups":[{"GroupId":"sg-1"},{"GroupId":"sg-1"}]}"#,
+            &["security group sg-1", "duplicate"],
+        ),
+        (
+            "aws interface unknown group",
+            "json",
+            r#"{"NetworkInterfaces":[{"NetworkInterfaceId":"eni-1","Groups":[{"GroupId":"sg-404"}]}]}"#,
+            &["network interface eni-1", "groups[0]", "sg-404"],
+        ),
+        (
+            "aws interface bad address",
+            "json",
+            r#"{"NetworkInterfaces":[{"NetworkInterfaceId":"eni-1","PrivateIpAddresses":[{"PrivateIpAddress":"nope"}]}]}"#,
+            &[
+                "network interface eni-1",
+                "PrivateIpAddresses[0].PrivateIpAddress",
+            ],
+        ),
+        (
+            "aws prefix list bad entry",
+            "json",
+            r#"{"ManagedPrefixLists":[{"PrefixListId":"pl-1","AddressFamily":"IPv4","Entries":[{"Cidr":"x"}]}]}"#,
+            &["prefix list pl-1", "Entries[0].Cidr"],
+        ),
     ];
-    let many: Vec<String> = (0..17).map(|i| format!("[[security_group]]\nid = \"sg-{i}\"\n")).collect();
+    let many: Vec<String> = (0..17)
+        .map(|i| format!("[[security_group]]\nid = \"sg-{i}\"\n"))
+        .collect();
     let groups: Vec<String> = (0..17).map(|i| format!("\"sg-{i}\"")).collect();
-    let too_many = format!("{}[[interface]]\nid = \"eni-1\"\ngroups = [{}]\n", many.join(""), groups.join(", "));
+    let too_many = format!(
+        "{}[[interface]]\nid = \"eni-1\"\ngroups = [{}]\n",
+        many.join(""),
+        groups.join(", ")
+    );
     native
         .into_iter()
         .chain(aws)
         .map(|(d, ext, text, want)| {
-            let text = if d == "too many groups" { too_many.clone() } else { text.to_string() };
+            let text = if d == "too many groups" {
+                too_many.clone()
+            } else {
+                text.to_string()
+            };
             (d.to_string(), ext, text, want.to_vec())
         })
         .collect()
@@ -123,12 +236,29 @@ fn bad_inputs_are_rejected_naming_file_object_and_field() {
     assert!(cases.len() >= 30, "{} cases", cases.len());
     for (i, (description, ext, text, want)) in cases.iter().enumerate() {
         let path = dir.join(format!("case-{i}.{ext}"));
-        std::fs::write(&path, format!("{}{text}", if *ext == "toml" && text.is_empty() { GROUP } else { "" })).unwrap();
+        std::fs::write(
+            &path,
+            format!(
+                "{}{text}",
+                if *ext == "toml" && text.is_empty() {
+                    GROUP
+                } else {
+                    ""
+                }
+            ),
+        )
+        .unwrap();
         let err = load_file(&path).expect_err(description);
         let message = err.to_string();
-        assert!(message.contains(&path.display().to_string()), "{description}: names the file: {message}");
+        assert!(
+            message.contains(&path.display().to_string()),
+            "{description}: names the file: {message}"
+        );
         for w in want {
-            assert!(message.contains(w), "{description}: {w:?} missing from: {message}");
+            assert!(
+                message.contains(w),
+                "{description}: {w:?} missing from: {message}"
+            );
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -141,5 +271,8 @@ fn every_error_is_reported_at_once_with_lines() {
     let problems = parse_str(text).unwrap_err();
     assert_eq!(problems.len(), 3, "{problems:#?}");
     let lines: Vec<Option<usize>> = problems.iter().map(|p| p.line).collect();
-    assert!(lines.contains(&Some(2)) && lines.contains(&Some(6)), "{problems:#?}");
+    assert!(
+        lines.contains(&Some(2)) && lines.contains(&Some(6)),
+        "{problems:#?}"
+    );
 }

@@ -9,36 +9,78 @@ use sg_tests::{
 };
 
 fn example(name: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples").join(name)
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(name)
 }
 
 fn sg(args: &[&str]) -> std::process::Output {
-    Command::new(agent_bin()).args(args).output().expect("running sg-agent")
+    Command::new(agent_bin())
+        .args(args)
+        .output()
+        .expect("running sg-agent")
 }
 
 #[test]
 fn bad_usage_exits_64_and_help_is_readable() {
-    for args in [&["bogus"][..], &["run"], &["run", "--state"], &["validate", "--nope"], &["explain", "--state", "x"], &["run", "--state", "x", "--ingress-hook", "ebpf"], &["run", "--state", "x", "--attach", "eth0"]] {
+    for args in [
+        &["bogus"][..],
+        &["run"],
+        &["run", "--state"],
+        &["validate", "--nope"],
+        &["explain", "--state", "x"],
+        &["run", "--state", "x", "--ingress-hook", "ebpf"],
+        &["run", "--state", "x", "--attach", "eth0"],
+    ] {
         let out = sg(args);
-        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(64),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    for args in [&["--help"][..], &["run", "--help"], &["explain", "--help"], &["status", "--help"], &["flows", "--help"], &["detach", "--help"], &["validate", "--help"]] {
+    for args in [
+        &["--help"][..],
+        &["run", "--help"],
+        &["explain", "--help"],
+        &["status", "--help"],
+        &["flows", "--help"],
+        &["detach", "--help"],
+        &["validate", "--help"],
+    ] {
         let out = sg(args);
         assert_eq!(out.status.code(), Some(0), "{args:?}");
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("Usage:"), "{args:?}: {text}");
     }
     let run_help = String::from_utf8_lossy(&sg(&["run", "--help"]).stdout).to_string();
-    for flag in ["--state", "--attach", "--pin-dir", "--ingress-hook", "--default-deny", "--revalidate", "--api"] {
+    for flag in [
+        "--state",
+        "--attach",
+        "--pin-dir",
+        "--ingress-hook",
+        "--default-deny",
+        "--revalidate",
+        "--api",
+    ] {
         assert!(run_help.contains(flag), "run --help documents {flag}");
     }
 }
 
 #[test]
 fn validate_and_explain() {
-    let ok = sg(&["validate", "--state", example("two-tier.toml").to_str().unwrap()]);
+    let ok = sg(&[
+        "validate",
+        "--state",
+        example("two-tier.toml").to_str().unwrap(),
+    ]);
     assert_eq!(ok.status.code(), Some(0));
-    let ok = sg(&["validate", "--state", example("two-tier.json").to_str().unwrap()]);
+    let ok = sg(&[
+        "validate",
+        "--state",
+        example("two-tier.json").to_str().unwrap(),
+    ]);
     assert_eq!(ok.status.code(), Some(0));
     let dir = TempDir::new("cli-validate");
     let bad = dir.path("bad.toml");
@@ -46,23 +88,83 @@ fn validate_and_explain() {
     let out = sg(&["validate", "--state", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("ingress[0].ports") && err.contains("ingress[0].peers[0]"), "every error: {err}");
+    assert!(
+        err.contains("ingress[0].ports") && err.contains("ingress[0].peers[0]"),
+        "every error: {err}"
+    );
 
     let state = example("two-tier.toml");
     let explain = |args: &[&str]| {
         let mut all = vec!["explain", "--state", state.to_str().unwrap()];
         all.extend_from_slice(args);
         let out = sg(&all);
-        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).to_string()
     };
-    let allow = explain(&["--eni", "eni-000000000000000db", "--direction", "ingress", "--protocol", "tcp", "--remote", "198.18.1.11", "--port", "3306"]);
-    assert!(allow.starts_with("ALLOW") && allow.contains("sg-0a000000000000db") && allow.contains("db-sg") && allow.contains("3306"), "{allow}");
-    let deny = explain(&["--eni", "eni-000000000000000db", "--direction", "ingress", "--protocol", "tcp", "--remote", "198.18.9.9", "--port", "3306"]);
+    let allow = explain(&[
+        "--eni",
+        "eni-000000000000000db",
+        "--direction",
+        "ingress",
+        "--protocol",
+        "tcp",
+        "--remote",
+        "198.18.1.11",
+        "--port",
+        "3306",
+    ]);
+    assert!(
+        allow.starts_with("ALLOW")
+            && allow.contains("sg-0a000000000000db")
+            && allow.contains("db-sg")
+            && allow.contains("3306"),
+        "{allow}"
+    );
+    let deny = explain(&[
+        "--eni",
+        "eni-000000000000000db",
+        "--direction",
+        "ingress",
+        "--protocol",
+        "tcp",
+        "--remote",
+        "198.18.9.9",
+        "--port",
+        "3306",
+    ]);
     assert!(deny.starts_with("DENY"), "{deny}");
-    let egress = explain(&["--eni", "eni-0000000000000web1", "--direction", "egress", "--protocol", "udp", "--remote", "2001:db8::53", "--port", "53"]);
+    let egress = explain(&[
+        "--eni",
+        "eni-0000000000000web1",
+        "--direction",
+        "egress",
+        "--protocol",
+        "udp",
+        "--remote",
+        "2001:db8::53",
+        "--port",
+        "53",
+    ]);
     assert!(egress.starts_with("ALLOW"), "{egress}");
-    let icmp = explain(&["--eni", "eni-0000000000000web1", "--direction", "ingress", "--protocol", "icmp", "--remote", "198.18.9.9", "--icmp-type", "8", "--icmp-code", "0"]);
+    let icmp = explain(&[
+        "--eni",
+        "eni-0000000000000web1",
+        "--direction",
+        "ingress",
+        "--protocol",
+        "icmp",
+        "--remote",
+        "198.18.9.9",
+        "--icmp-type",
+        "8",
+        "--icmp-code",
+        "0",
+    ]);
     assert!(icmp.starts_with("DENY"), "{icmp}");
 }
 
@@ -76,7 +178,9 @@ fn run_status_flows_hot_plug_sighup_api_and_detach() {
     let web1 = lab.host("web1", "02:5e:00:00:01:01", &["198.18.1.11/16"]);
     tcp::echo_server(&db.ns, "[::]:3306");
     tcp::echo_server(&db.ns, "[::]:4000");
-    wait_for("the lab", Duration::from_secs(10), || tcp::reaches(&web1.ns, "198.18.2.21:4000").then_some(()));
+    wait_for("the lab", Duration::from_secs(10), || {
+        tcp::reaches(&web1.ns, "198.18.2.21:4000").then_some(())
+    });
     let dir = TempDir::new("cli-run");
     let state = dir.path("state.json");
     let text = std::fs::read_to_string(example("two-tier.json")).unwrap();
@@ -85,53 +189,118 @@ fn run_status_flows_hot_plug_sighup_api_and_detach() {
     db.wait_applied(&sha, &mut agent);
 
     // Pins: 0600 files in a 0700 directory.
-    let pins = db.cmd("stat").args(["-c", "%a %n", "/sys/fs/bpf/sg", "/sys/fs/bpf/sg/SG_CT", "/sys/fs/bpf/sg/links"]).output().unwrap();
+    let pins = db
+        .cmd("stat")
+        .args([
+            "-c",
+            "%a %n",
+            "/sys/fs/bpf/sg",
+            "/sys/fs/bpf/sg/SG_CT",
+            "/sys/fs/bpf/sg/links",
+        ])
+        .output()
+        .unwrap();
     let pins = String::from_utf8_lossy(&pins.stdout).to_string();
-    assert!(pins.contains("700 /sys/fs/bpf/sg\n") && pins.contains("600 /sys/fs/bpf/sg/SG_CT"), "{pins}");
+    assert!(
+        pins.contains("700 /sys/fs/bpf/sg\n") && pins.contains("600 /sys/fs/bpf/sg/SG_CT"),
+        "{pins}"
+    );
 
     assert!(tcp::reaches(&web1.ns, "198.18.2.21:3306"));
     assert!(!tcp::reaches(&web1.ns, "198.18.2.21:4000"));
     let st = db.status().unwrap();
     let iface = &st["interfaces"][0];
     assert_eq!(iface["network_interface"], "eni-000000000000000db", "{st}");
-    assert!(iface["counters"]["ingress"]["allowed_new"].as_u64().unwrap() >= 1, "{st}");
-    assert!(iface["counters"]["ingress"]["dropped_policy"].as_u64().unwrap() >= 1, "{st}");
+    assert!(
+        iface["counters"]["ingress"]["allowed_new"]
+            .as_u64()
+            .unwrap()
+            >= 1,
+        "{st}"
+    );
+    assert!(
+        iface["counters"]["ingress"]["dropped_policy"]
+            .as_u64()
+            .unwrap()
+            >= 1,
+        "{st}"
+    );
     assert_eq!(st["agent_running"], true);
     assert_eq!(st["last_error"], serde_json::Value::Null);
     let human = db.cmd(agent_bin()).arg("status").output().unwrap();
     assert!(String::from_utf8_lossy(&human.stdout).contains(&sha));
 
-    let mut conn = tcp::connect(&web1.ns, "198.18.2.21:3306", None, Duration::from_secs(1)).unwrap();
+    let mut conn =
+        tcp::connect(&web1.ns, "198.18.2.21:3306", None, Duration::from_secs(1)).unwrap();
     assert!(tcp::echo_ok(&mut conn));
-    let flows = db.cmd(agent_bin()).args(["flows", "--json"]).output().unwrap();
+    let flows = db
+        .cmd(agent_bin())
+        .args(["flows", "--json"])
+        .output()
+        .unwrap();
     let flows: serde_json::Value = serde_json::from_slice(&flows.stdout).unwrap();
     let found = flows.as_array().unwrap().iter().any(|f| {
-        f["remote"] == "198.18.1.11" && f["local_port"] == 3306 && f["tcp_state"] == "established" && f["origin"] == "ingress"
+        f["remote"] == "198.18.1.11"
+            && f["local_port"] == 3306
+            && f["tcp_state"] == "established"
+            && f["origin"] == "ingress"
     });
     assert!(found, "the connection is listed as a flow: {flows}");
 
     // The API, only because --api asked for it.
     let api = db.cmd("bash").args(["-c", "exec 3<>/dev/tcp/127.0.0.1/9464; printf 'GET /status HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&api.stdout).contains(&sha), "{}", String::from_utf8_lossy(&api.stdout));
+    assert!(
+        String::from_utf8_lossy(&api.stdout).contains(&sha),
+        "{}",
+        String::from_utf8_lossy(&api.stdout)
+    );
 
     // Hot plug: an interface that appears later with a MAC of the state is enforced.
-    db.ns.ip(&["link", "add", "eth9", "address", "02:5e:00:00:01:02", "type", "veth", "peer", "name", "eth9p"]);
+    db.ns.ip(&[
+        "link",
+        "add",
+        "eth9",
+        "address",
+        "02:5e:00:00:01:02",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth9p",
+    ]);
     db.ns.ip(&["link", "set", "eth9", "up"]);
     db.ns.ip(&["link", "set", "eth9p", "up"]);
-    wait_for("the new interface to be enforced", Duration::from_secs(10), || {
-        let st = db.status()?;
-        (st["interfaces"].as_array()?.len() == 2).then_some(())
-    });
+    wait_for(
+        "the new interface to be enforced",
+        Duration::from_secs(10),
+        || {
+            let st = db.status()?;
+            (st["interfaces"].as_array()?.len() == 2).then_some(())
+        },
+    );
 
     // SIGHUP re-reads the state.
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(agent.child.id() as i32, libc::SIGHUP) };
-    wait_for("SIGHUP in the log", Duration::from_secs(5), || agent.log_text().contains("SIGHUP").then_some(()));
+    wait_for("SIGHUP in the log", Duration::from_secs(5), || {
+        agent.log_text().contains("SIGHUP").then_some(())
+    });
 
     // Detach removes programs, links and pins.
     agent.stop();
     let out = db.cmd(agent_bin()).arg("detach").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(!db.cmd("test").args(["-e", "/sys/fs/bpf/sg"]).status().unwrap().success());
-    wait_for("detach", Duration::from_secs(5), || tcp::reaches(&web1.ns, "198.18.2.21:4000").then_some(()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!db
+        .cmd("test")
+        .args(["-e", "/sys/fs/bpf/sg"])
+        .status()
+        .unwrap()
+        .success());
+    wait_for("detach", Duration::from_secs(5), || {
+        tcp::reaches(&web1.ns, "198.18.2.21:4000").then_some(())
+    });
 }

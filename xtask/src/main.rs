@@ -148,7 +148,15 @@ pub fn build_test_bin(name: &str) -> Result<PathBuf> {
     status(
         Command::new("cargo")
             .current_dir(root())
-            .args(["build", "--locked", "--release", "-p", "sg-tests", "--bin", name])
+            .args([
+                "build",
+                "--locked",
+                "--release",
+                "-p",
+                "sg-tests",
+                "--bin",
+                name,
+            ])
             .env("SG_EBPF_OBJECT", &object),
     )?;
     Ok(root().join("target/release").join(name))

@@ -29,16 +29,43 @@ fn main() -> ExitCode {
     }
     let started = Instant::now();
     let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    let base = std::fs::read_to_string(examples.join("two-tier.toml")).expect("examples/two-tier.toml");
+    let base =
+        std::fs::read_to_string(examples.join("two-tier.toml")).expect("examples/two-tier.toml");
 
-    println!("== building the lab: internet, admin, web1, web2, db (and web3 for later) on one bridge");
+    println!(
+        "== building the lab: internet, admin, web1, web2, db (and web3 for later) on one bridge"
+    );
     let mut lab = Lab::new();
-    let internet = lab.host("internet", "02:5e:00:00:09:01", &["198.18.200.1/16", "2001:db8:200::1/32"]);
-    let admin = lab.host("admin", "02:5e:00:00:09:02", &["198.18.100.10/16", "2001:db8:100::10/32"]);
-    let web1 = lab.host("web1", "02:5e:00:00:01:01", &["198.18.1.11/16", "2001:db8:1::11/32"]);
-    let web2 = lab.host("web2", "02:5e:00:00:01:02", &["198.18.1.12/16", "2001:db8:1::12/32"]);
-    let db = lab.host("db", "02:5e:00:00:02:01", &["198.18.2.21/16", "2001:db8:2::21/32"]);
-    let web3 = lab.host("web3", "02:5e:00:00:01:03", &["198.18.1.13/16", "2001:db8:1::13/32"]);
+    let internet = lab.host(
+        "internet",
+        "02:5e:00:00:09:01",
+        &["198.18.200.1/16", "2001:db8:200::1/32"],
+    );
+    let admin = lab.host(
+        "admin",
+        "02:5e:00:00:09:02",
+        &["198.18.100.10/16", "2001:db8:100::10/32"],
+    );
+    let web1 = lab.host(
+        "web1",
+        "02:5e:00:00:01:01",
+        &["198.18.1.11/16", "2001:db8:1::11/32"],
+    );
+    let web2 = lab.host(
+        "web2",
+        "02:5e:00:00:01:02",
+        &["198.18.1.12/16", "2001:db8:1::12/32"],
+    );
+    let db = lab.host(
+        "db",
+        "02:5e:00:00:02:01",
+        &["198.18.2.21/16", "2001:db8:2::21/32"],
+    );
+    let web3 = lab.host(
+        "web3",
+        "02:5e:00:00:01:03",
+        &["198.18.1.13/16", "2001:db8:1::13/32"],
+    );
     for w in [&web1, &web2, &web3] {
         for port in ["80", "443", "22"] {
             tcp::echo_server(&w.ns, &format!("[::]:{port}"));
@@ -47,12 +74,17 @@ fn main() -> ExitCode {
     tcp::echo_server(&db.ns, "[::]:3306");
     tcp::echo_server(&db.ns, "[::]:22");
     tcp::echo_server(&internet.ns, "[::]:8080");
-    wait_for("the lab", Duration::from_secs(10), || tcp::reaches(&internet.ns, "198.18.2.21:3306").then_some(()));
+    wait_for("the lab", Duration::from_secs(10), || {
+        tcp::reaches(&internet.ns, "198.18.2.21:3306").then_some(())
+    });
 
     let dir = TempDir::new("demo");
     let state = dir.path("state.toml");
     let sha = write_state(&state, &base);
-    println!("== starting one sg-agent per server, all with {}", state.display());
+    println!(
+        "== starting one sg-agent per server, all with {}",
+        state.display()
+    );
     let servers: [&Host; 4] = [&web1, &web2, &db, &web3];
     let mut agents: Vec<AgentProc> = servers
         .iter()
@@ -67,39 +99,113 @@ fn main() -> ExitCode {
         let results: Vec<(String, bool, bool)> = std::thread::scope(|s| {
             let handles: Vec<_> = list
                 .iter()
-                .map(|(flow, from, to, expected)| s.spawn(move || (flow.to_string(), *expected, tcp::reaches(&from.ns, to))))
+                .map(|(flow, from, to, expected)| {
+                    s.spawn(move || (flow.to_string(), *expected, tcp::reaches(&from.ns, to)))
+                })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
         for (flow, expected, observed) in results {
-            checks.push(Check { flow, expected, observed });
+            checks.push(Check {
+                flow,
+                expected,
+                observed,
+            });
         }
     };
     run(
         &mut checks,
         vec![
             ("internet → web1 tcp/80", &internet, "198.18.1.11:80", true),
-            ("internet → web2 tcp/443", &internet, "198.18.1.12:443", true),
-            ("internet → web1 tcp/80 (IPv6)", &internet, "[2001:db8:1::11]:80", true),
-            ("internet → web2 tcp/443 (IPv6)", &internet, "[2001:db8:1::12]:443", true),
-            ("internet → web1 tcp/22 (SSH)", &internet, "198.18.1.11:22", false),
-            ("internet → web1 tcp/22 (SSH, IPv6)", &internet, "[2001:db8:1::11]:22", false),
+            (
+                "internet → web2 tcp/443",
+                &internet,
+                "198.18.1.12:443",
+                true,
+            ),
+            (
+                "internet → web1 tcp/80 (IPv6)",
+                &internet,
+                "[2001:db8:1::11]:80",
+                true,
+            ),
+            (
+                "internet → web2 tcp/443 (IPv6)",
+                &internet,
+                "[2001:db8:1::12]:443",
+                true,
+            ),
+            (
+                "internet → web1 tcp/22 (SSH)",
+                &internet,
+                "198.18.1.11:22",
+                false,
+            ),
+            (
+                "internet → web1 tcp/22 (SSH, IPv6)",
+                &internet,
+                "[2001:db8:1::11]:22",
+                false,
+            ),
             ("admin → web1 tcp/22 (SSH)", &admin, "198.18.1.11:22", true),
-            ("admin → web2 tcp/22 (SSH, IPv6)", &admin, "[2001:db8:1::12]:22", true),
+            (
+                "admin → web2 tcp/22 (SSH, IPv6)",
+                &admin,
+                "[2001:db8:1::12]:22",
+                true,
+            ),
             ("web1 → db tcp/3306", &web1, "198.18.2.21:3306", true),
-            ("web2 → db tcp/3306 (IPv6)", &web2, "[2001:db8:2::21]:3306", true),
-            ("internet → db tcp/3306", &internet, "198.18.2.21:3306", false),
-            ("internet → db tcp/3306 (IPv6)", &internet, "[2001:db8:2::21]:3306", false),
+            (
+                "web2 → db tcp/3306 (IPv6)",
+                &web2,
+                "[2001:db8:2::21]:3306",
+                true,
+            ),
+            (
+                "internet → db tcp/3306",
+                &internet,
+                "198.18.2.21:3306",
+                false,
+            ),
+            (
+                "internet → db tcp/3306 (IPv6)",
+                &internet,
+                "[2001:db8:2::21]:3306",
+                false,
+            ),
             ("admin → db tcp/3306", &admin, "198.18.2.21:3306", false),
             ("admin → db tcp/22 (SSH)", &admin, "198.18.2.21:22", false),
-            ("web3 (not in web-sg yet) → db tcp/3306", &web3, "198.18.2.21:3306", false),
-            ("db → internet tcp/8080 (outbound, replies stateful)", &db, "198.18.200.1:8080", true),
-            ("web1 → internet tcp/8080 (outbound, IPv6)", &web1, "[2001:db8:200::1]:8080", true),
+            (
+                "web3 (not in web-sg yet) → db tcp/3306",
+                &web3,
+                "198.18.2.21:3306",
+                false,
+            ),
+            (
+                "db → internet tcp/8080 (outbound, replies stateful)",
+                &db,
+                "198.18.200.1:8080",
+                true,
+            ),
+            (
+                "web1 → internet tcp/8080 (outbound, IPv6)",
+                &web1,
+                "[2001:db8:200::1]:8080",
+                true,
+            ),
         ],
     );
     let icmp_denied = !internet.ping("198.18.2.21");
-    checks.push(Check { flow: "internet → db ping (no ICMP rule)".into(), expected: false, observed: !icmp_denied });
-    checks.push(Check { flow: "db → internet ping (outbound, reply stateful)".into(), expected: true, observed: db.ping("198.18.200.1") });
+    checks.push(Check {
+        flow: "internet → db ping (no ICMP rule)".into(),
+        expected: false,
+        observed: !icmp_denied,
+    });
+    checks.push(Check {
+        flow: "db → internet ping (outbound, reply stateful)".into(),
+        expected: true,
+        observed: db.ping("198.18.200.1"),
+    });
 
     println!("== scaling the web tier: web3 joins web-sg in the state file");
     let scaled = format!(
@@ -121,22 +227,56 @@ fn main() -> ExitCode {
     run(
         &mut checks,
         vec![
-            ("web3 (now in web-sg) → db tcp/3306", &web3, "198.18.2.21:3306", true),
-            ("web3 → db tcp/3306 (IPv6)", &web3, "[2001:db8:2::21]:3306", true),
+            (
+                "web3 (now in web-sg) → db tcp/3306",
+                &web3,
+                "198.18.2.21:3306",
+                true,
+            ),
+            (
+                "web3 → db tcp/3306 (IPv6)",
+                &web3,
+                "[2001:db8:2::21]:3306",
+                true,
+            ),
             ("internet → web3 tcp/80", &internet, "198.18.1.13:80", true),
-            ("internet → web3 tcp/22 (SSH)", &internet, "198.18.1.13:22", false),
-            ("web1 → db tcp/3306 (unchanged)", &web1, "198.18.2.21:3306", true),
-            ("internet → db tcp/3306 (unchanged)", &internet, "198.18.2.21:3306", false),
+            (
+                "internet → web3 tcp/22 (SSH)",
+                &internet,
+                "198.18.1.13:22",
+                false,
+            ),
+            (
+                "web1 → db tcp/3306 (unchanged)",
+                &web1,
+                "198.18.2.21:3306",
+                true,
+            ),
+            (
+                "internet → db tcp/3306 (unchanged)",
+                &internet,
+                "198.18.2.21:3306",
+                false,
+            ),
         ],
     );
 
     let word = |b: bool| if b { "ALLOW" } else { "DENY" };
-    println!("\n{:<55} {:<9} {:<9} {}", "flow", "expected", "observed", "");
+    println!(
+        "\n{:<55} {:<9} {:<9} {}",
+        "flow", "expected", "observed", ""
+    );
     let mut failures = 0;
     for c in &checks {
         let ok = c.expected == c.observed;
         failures += !ok as usize;
-        println!("{:<55} {:<9} {:<9} {}", c.flow, word(c.expected), word(c.observed), if ok { "ok" } else { "MISMATCH" });
+        println!(
+            "{:<55} {:<9} {:<9} {}",
+            c.flow,
+            word(c.expected),
+            word(c.observed),
+            if ok { "ok" } else { "MISMATCH" }
+        );
     }
     match admitted {
         Some(t) => println!("\nweb3 joined web-sg: first admitted connection to the database {:.1} ms after the state file changed", t.as_secs_f64() * 1000.0),
@@ -145,10 +285,17 @@ fn main() -> ExitCode {
             failures += 1;
         }
     }
-    println!("{} checks, {} mismatches, {:.1} s", checks.len(), failures, started.elapsed().as_secs_f64());
+    println!(
+        "{} checks, {} mismatches, {:.1} s",
+        checks.len(),
+        failures,
+        started.elapsed().as_secs_f64()
+    );
     if keep {
         println!("\n--keep: the lab stays up. Namespaces: `ip netns list | grep sg-`; run commands on a host with");
-        println!("  ip netns exec <namespace> <command>; the agents keep running until you kill them.");
+        println!(
+            "  ip netns exec <namespace> <command>; the agents keep running until you kill them."
+        );
         for a in agents {
             std::mem::forget(a);
         }
