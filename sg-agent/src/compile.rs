@@ -193,7 +193,7 @@ impl Plan {
     /// Applies one map operation to this plan as to the kernel's maps.
     pub fn apply(&mut self, op: &MapOp) {
         match op {
-            MapOp::PutInterface { ifindex, plan } => {
+            MapOp::PutInterface { ifindex, plan, .. } => {
                 self.interfaces.insert(*ifindex, plan.clone());
             }
             MapOp::DeleteInterface { ifindex } => {
@@ -299,13 +299,36 @@ pub fn compile(
                 config: IfaceConfig {
                     flags: 0,
                     timeouts: state.timeouts_for(eni),
-                    _pad: 0,
+                    counter_slot: 0,
                 },
             },
         );
     }
     plan.rulesets = interner.used;
+    assign_counter_slots(&mut plan, previous);
     plan
+}
+
+/// Interfaces keep their counter slot across plans; new ones get the smallest free slot.
+fn assign_counter_slots(plan: &mut Plan, previous: &Plan) {
+    let mut used = BTreeSet::new();
+    for (ifindex, p) in plan.interfaces.iter_mut() {
+        if let Some(old) = previous.interfaces.get(ifindex) {
+            p.config.counter_slot = old.config.counter_slot;
+            used.insert(old.config.counter_slot);
+        }
+    }
+    let mut next = 0;
+    for (ifindex, p) in plan.interfaces.iter_mut() {
+        if previous.interfaces.contains_key(ifindex) {
+            continue;
+        }
+        while used.contains(&next) {
+            next += 1;
+        }
+        p.config.counter_slot = next;
+        used.insert(next);
+    }
 }
 
 fn assign_rule_ids(state: &State, previous: &Plan) -> BTreeMap<u32, RuleInfo> {
@@ -626,9 +649,12 @@ pub fn port_entries(
 /// One update of one map, in the order the datapath must apply it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapOp {
+    /// Settings of an enforced interface; `fresh` when it was not enforced before (its
+    /// counter slot is zeroed first).
     PutInterface {
         ifindex: u32,
         plan: InterfacePlan,
+        fresh: bool,
     },
     DeleteInterface {
         ifindex: u32,
@@ -666,6 +692,7 @@ pub fn diff(old: &Plan, new: &Plan) -> Vec<MapOp> {
             ops.push(MapOp::PutInterface {
                 ifindex: *ifindex,
                 plan: plan.clone(),
+                fresh: false,
             });
         }
     }
@@ -699,6 +726,7 @@ pub fn diff(old: &Plan, new: &Plan) -> Vec<MapOp> {
             ops.push(MapOp::PutInterface {
                 ifindex: *ifindex,
                 plan: plan.clone(),
+                fresh: true,
             });
         }
     }

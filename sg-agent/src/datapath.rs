@@ -10,7 +10,7 @@ use std::{
 
 use aya::{
     maps::{
-        lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, MapType, PerCpuHashMap,
+        lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, MapType, PerCpuArray,
         PerCpuValues,
     },
     programs::{
@@ -175,9 +175,9 @@ impl Datapath {
             .map_max_entries(MAP_RULE_HITS, sizes.rules)
             .map_max_entries(MAP_FRAGS, sizes.fragments);
         let mut ebpf = loader.load(object)?;
-        {
-            let xdp: &mut Xdp = program(&mut ebpf, PROG_XDP_INGRESS)?;
-            xdp.load().map_err(prog_err(PROG_XDP_INGRESS))?;
+        for name in [PROG_XDP_INGRESS, PROG_BENCH_EMPTY, PROG_BENCH_HASH] {
+            let xdp: &mut Xdp = program(&mut ebpf, name)?;
+            xdp.load().map_err(prog_err(name))?;
         }
         for name in [PROG_TC_INGRESS, PROG_TC_EGRESS] {
             let p: &mut SchedClassifier = program(&mut ebpf, name)?;
@@ -202,6 +202,10 @@ impl Datapath {
 
     pub fn xdp_ingress(&mut self) -> Result<&mut Xdp> {
         program(&mut self.ebpf, PROG_XDP_INGRESS)
+    }
+
+    pub fn xdp(&mut self, name: &'static str) -> Result<&mut Xdp> {
+        program(&mut self.ebpf, name)
     }
 
     pub fn tc(&mut self, name: &'static str) -> Result<&mut SchedClassifier> {
@@ -244,13 +248,17 @@ impl Datapath {
 
     fn apply_one(&mut self, op: &MapOp) -> Result<()> {
         match op {
-            MapOp::PutInterface { ifindex, plan } => {
-                // Counters first: the datapath only counts into an existing entry.
-                let mut counters: PerCpuHashMap<&mut MapData, u32, Counters> =
-                    self.map(MAP_COUNTERS)?;
-                if counters.get(ifindex, 0).is_err() {
+            MapOp::PutInterface {
+                ifindex,
+                plan,
+                fresh,
+            } => {
+                // A newly enforced interface starts from zero in its counter slot.
+                if *fresh {
+                    let mut counters: PerCpuArray<&mut MapData, Counters> =
+                        self.map(MAP_COUNTERS)?;
                     counters
-                        .insert(ifindex, per_cpu_zero()?, 0)
+                        .set(plan.config.counter_slot, per_cpu_zero()?, 0)
                         .map_err(map_err(MAP_COUNTERS))?;
                 }
                 let mut m: HashMap<&mut MapData, u32, IfaceConfig> = self.map(MAP_IFACE)?;
@@ -351,9 +359,13 @@ impl Datapath {
 
     /// Counters of one interface, summed over CPUs.
     pub fn counters(&mut self, ifindex: u32) -> Result<Counters> {
-        let m: PerCpuHashMap<&mut MapData, u32, Counters> = self.map(MAP_COUNTERS)?;
+        let ifaces: HashMap<&mut MapData, u32, IfaceConfig> = self.map(MAP_IFACE)?;
+        let Ok(config) = ifaces.get(&ifindex, 0) else {
+            return Ok(Counters::default());
+        };
+        let m: PerCpuArray<&mut MapData, Counters> = self.map(MAP_COUNTERS)?;
         let mut sum = Counters::default();
-        if let Ok(values) = m.get(&ifindex, 0) {
+        if let Ok(values) = m.get(&config.counter_slot, 0) {
             for cpu in values.iter() {
                 for (s, v) in sum.v.iter_mut().zip(cpu.v.iter()) {
                     *s += v;
@@ -723,7 +735,7 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
         ),
         MAP_IFACE => (MapType::Hash, 4, sz::<IfaceConfig>() as u32),
         MAP_GLOBAL => (MapType::Array, 4, sz::<GlobalConfig>() as u32),
-        MAP_COUNTERS => (MapType::PerCpuHash, 4, sz::<Counters>() as u32),
+        MAP_COUNTERS => (MapType::PerCpuArray, 4, sz::<Counters>() as u32),
         MAP_RULE_HITS => (MapType::PerCpuArray, 4, 8),
         MAP_FRAGS => (
             MapType::LruHash,
@@ -787,13 +799,13 @@ pub fn pinned_status(pin_dir: &Path) -> Result<PinnedStatus> {
         let ifaces: HashMap<MapData, u32, IfaceConfig> =
             HashMap::try_from(aya::maps::Map::HashMap(open(MAP_IFACE)?))
                 .map_err(map_err(MAP_IFACE))?;
-        let counters: PerCpuHashMap<MapData, u32, Counters> =
-            PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(open(MAP_COUNTERS)?))
+        let counters: PerCpuArray<MapData, Counters> =
+            PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open(MAP_COUNTERS)?))
                 .map_err(map_err(MAP_COUNTERS))?;
         for item in ifaces.iter() {
             let (ifindex, config) = item.map_err(map_err(MAP_IFACE))?;
             let mut sum = Counters::default();
-            if let Ok(values) = counters.get(&ifindex, 0) {
+            if let Ok(values) = counters.get(&config.counter_slot, 0) {
                 for cpu in values.iter() {
                     for (s, v) in sum.v.iter_mut().zip(cpu.v.iter()) {
                         *s += v;

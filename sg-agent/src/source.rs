@@ -135,12 +135,24 @@ fn resolve_peer_kinds(mut state: State) -> State {
     state
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())]
-        .bytes()
-        .filter(|b| *b == b'\n')
-        .count()
-        + 1
+/// Line numbers of byte offsets, found by binary search over the line starts (a state
+/// of 100k objects must not cost 100k scans of the file).
+struct Lines(Vec<usize>);
+
+impl Lines {
+    fn new(text: &str) -> Lines {
+        Lines(
+            text.bytes()
+                .enumerate()
+                .filter(|(_, b)| *b == b'\n')
+                .map(|(i, _)| i)
+                .collect(),
+        )
+    }
+
+    fn line(&self, offset: usize) -> usize {
+        self.0.partition_point(|nl| *nl < offset) + 1
+    }
 }
 
 /// A peer string: a CIDR, else a prefix list id (`pl-…`), else a group id.
@@ -270,13 +282,14 @@ mod native {
 
     pub fn parse(text: &str) -> Result<(State, BTreeMap<String, usize>), Vec<Problem>> {
         let file: File = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| line_of(text, s.start));
+            let line = e.span().map(|s| super::Lines::new(text).line(s.start));
             let mut p = Problem::new("file", "syntax", e.message().trim().to_string());
             p.line = line;
             vec![p]
         })?;
         let mut problems = Vec::new();
         let mut lines = BTreeMap::new();
+        let index = super::Lines::new(text);
         let mut state = State {
             settings: Settings {
                 timeouts: file.settings.map(|s| s.timeouts).unwrap_or_default(),
@@ -286,7 +299,7 @@ mod native {
         for g in file.groups {
             let id = g.id.get_ref().clone();
             let object = group_object(&id);
-            let line = line_of(text, g.id.span().start);
+            let line = index.line(g.id.span().start);
             lines.insert(object.clone(), line);
             let _ = g.description;
             let mut rules = |raw: Vec<RawRule>, dir: Direction| -> Vec<Rule> {
@@ -318,7 +331,7 @@ mod native {
         for p in file.prefix_lists {
             let id = p.id.get_ref().clone();
             let object = prefix_list_object(&id);
-            let line = line_of(text, p.id.span().start);
+            let line = index.line(p.id.span().start);
             lines.insert(object.clone(), line);
             let mut err = |field: String, msg: String| {
                 let mut pr = Problem::new(&object, field, msg);
@@ -350,7 +363,7 @@ mod native {
         for n in file.interfaces {
             let id = n.id.get_ref().clone();
             let object = interface_object(&id);
-            let line = line_of(text, n.id.span().start);
+            let line = index.line(n.id.span().start);
             lines.insert(object.clone(), line);
             let mut err = |field: String, msg: String| {
                 let mut pr = Problem::new(&object, field, msg);

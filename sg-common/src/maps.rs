@@ -24,7 +24,7 @@ pub const MAP_PORTS: &str = "SG_PORTS";
 pub const MAP_IFACE: &str = "SG_IFACE";
 /// Global settings (array of one): clock offset for tests, event rate limit.
 pub const MAP_GLOBAL: &str = "SG_GLOBAL";
-/// Per-CPU counters per interface (`Counters`), keyed by ifindex.
+/// Per-CPU counters per interface (`Counters`), indexed by the interface's counter slot.
 pub const MAP_COUNTERS: &str = "SG_COUNTERS";
 /// Per-CPU hit counters per rule id (flows admitted by the rule).
 pub const MAP_RULE_HITS: &str = "SG_RULE_HITS";
@@ -73,6 +73,11 @@ pub const EVENTS_BYTES: u32 = 1 << 20;
 pub const PROG_XDP_INGRESS: &str = "sg_xdp_ingress";
 pub const PROG_TC_INGRESS: &str = "sg_tc_ingress";
 pub const PROG_TC_EGRESS: &str = "sg_tc_egress";
+/// Benchmark floors (never attached): an empty XDP program and one hash lookup.
+pub const PROG_BENCH_EMPTY: &str = "sg_bench_empty";
+pub const PROG_BENCH_HASH: &str = "sg_bench_hash";
+/// The plain hash map of the `sg_bench_hash` floor (IPv4 source address → 1).
+pub const MAP_BENCH: &str = "SG_BENCH";
 
 /// Key of the exact-address stage, IPv4. `addr` is network order.
 #[repr(C)]
@@ -170,7 +175,8 @@ pub struct IfaceConfig {
     pub flags: u32,
     /// Idle timeouts in seconds, indexed by `ct::TIMEOUT_*`.
     pub timeouts: [u32; crate::ct::TIMEOUT_COUNT],
-    pub _pad: u32,
+    /// Index of the interface's entry in `SG_COUNTERS` (an array: no hash on the fast path).
+    pub counter_slot: u32,
 }
 const _: () = assert!(size_of::<IfaceConfig>() == 44);
 

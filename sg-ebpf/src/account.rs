@@ -7,12 +7,11 @@ use crate::{
     parse::Ip,
 };
 
-/// Adds one to a counter slot of the interface (the agent creates the entry with the
-/// interface's configuration).
+/// Adds one to a counter of the interface whose counters live at `counters`.
 #[inline(always)]
-pub fn count(ifindex: u32, dir: u8, slot: u32) {
+pub fn count(counters: u32, dir: u8, slot: u32) {
     let idx = Counters::index(dir & 1, slot & 31);
-    if let Some(c) = SG_COUNTERS.get_ptr_mut(&ifindex) {
+    if let Some(c) = SG_COUNTERS.get_ptr_mut(counters) {
         // SAFETY: per-CPU value, no other writer on this CPU.
         if let Some(v) = unsafe { (*c).v.get_mut(idx) } {
             *v += 1;

@@ -145,7 +145,7 @@ mod programs {
             Ok(Parsed::Ip(ip)) => ip,
             Ok(Parsed::NotIp { arp }) => {
                 count(
-                    ifindex,
+                    cfg.counter_slot,
                     dir,
                     if arp {
                         counter::INFRASTRUCTURE
@@ -156,15 +156,15 @@ mod programs {
                 return true;
             }
             Err(reason) => {
-                count(ifindex, dir, counter::drop_slot(reason));
+                count(cfg.counter_slot, dir, counter::drop_slot(reason));
                 return false;
             }
         };
         if ip.frag == FRAG_LATER {
-            return later_fragment(ifindex, dir, &ip);
+            return later_fragment(cfg.counter_slot, ifindex, dir, &ip);
         }
         if parse::is_infrastructure(&ip) {
-            count(ifindex, dir, counter::INFRASTRUCTURE);
+            count(cfg.counter_slot, dir, counter::INFRASTRUCTURE);
             return true;
         }
         let pass = decide(f, cfg, ifindex, dir, &ip);
@@ -181,21 +181,21 @@ mod programs {
             // The quoted packet travelled the other way; it names the flow it is about.
             if let Ok(inner) = parse::parse_embedded(f, ip) {
                 if conntrack::exists(&conntrack::key_of(ifindex, 1 - dir, &inner)) {
-                    count(ifindex, dir, counter::ALLOWED_RELATED);
+                    count(cfg.counter_slot, dir, counter::ALLOWED_RELATED);
                     return true;
                 }
             }
         }
-        let len = f.wire_len();
+        let len = ip.len;
         let key = conntrack::key_of(ifindex, dir, ip);
         match conntrack::track(&key, ip, dir, cfg, len, now) {
             Track::Hit => {
-                count(ifindex, dir, counter::ALLOWED_TRACKED);
+                count(cfg.counter_slot, dir, counter::ALLOWED_TRACKED);
                 return true;
             }
             Track::Full => {
                 count(
-                    ifindex,
+                    cfg.counter_slot,
                     dir,
                     counter::drop_slot(drop_reason::CONNTRACK_FULL),
                 );
@@ -204,7 +204,11 @@ mod programs {
             Track::Miss => {}
         }
         let Some(grant) = policy::lookup(ifindex, dir, ip) else {
-            count(ifindex, dir, counter::drop_slot(drop_reason::POLICY));
+            count(
+                cfg.counter_slot,
+                dir,
+                counter::drop_slot(drop_reason::POLICY),
+            );
             event(EVENT_DENIED, ifindex, dir, ip, 0, now, deny_rate);
             return false;
         };
@@ -215,7 +219,7 @@ mod programs {
         };
         rule_hit(grant.rule_id);
         if untracked {
-            count(ifindex, dir, counter::ALLOWED_UNTRACKED);
+            count(cfg.counter_slot, dir, counter::ALLOWED_UNTRACKED);
             return true;
         }
         // Replies, errors and resets open no flow of their own.
@@ -226,11 +230,11 @@ mod programs {
             _ => true,
         };
         if !opens || parse::is_icmp_error(ip.family, ip.protocol, ip.l4.icmp_type) {
-            count(ifindex, dir, counter::ALLOWED_STATELESS);
+            count(cfg.counter_slot, dir, counter::ALLOWED_STATELESS);
             return true;
         }
         conntrack::open(&key, ip, dir, grant.rule_id, len, now);
-        count(ifindex, dir, counter::ALLOWED_NEW);
+        count(cfg.counter_slot, dir, counter::ALLOWED_NEW);
         event(
             EVENT_ADMITTED,
             ifindex,
@@ -270,25 +274,46 @@ mod programs {
     /// A non-first fragment follows its first fragment's verdict; with none remembered
     /// (lost, evicted or forged), it is dropped.
     #[inline(always)]
-    fn later_fragment(ifindex: u32, dir: u8, ip: &Ip) -> bool {
+    fn later_fragment(counters: u32, ifindex: u32, dir: u8, ip: &Ip) -> bool {
         // SAFETY: read-only lookup.
         match unsafe { SG_FRAGS.get(&frag_key(ifindex, ip)) } {
             Some(e) if e.allowed != 0 => {
-                count(ifindex, dir, counter::ALLOWED_FRAGMENT);
+                count(counters, dir, counter::ALLOWED_FRAGMENT);
                 true
             }
             Some(_) => {
-                count(ifindex, dir, counter::drop_slot(drop_reason::POLICY));
+                count(counters, dir, counter::drop_slot(drop_reason::POLICY));
                 false
             }
             None => {
                 count(
-                    ifindex,
+                    counters,
                     dir,
                     counter::drop_slot(drop_reason::FRAGMENT_ORPHAN),
                 );
                 false
             }
+        }
+    }
+
+    /// Benchmark floor: an XDP program that does nothing. Never attached by the agent.
+    #[xdp]
+    pub fn sg_bench_empty(_ctx: XdpContext) -> u32 {
+        xdp_action::XDP_PASS
+    }
+
+    /// Benchmark floor: one hash lookup keyed by the IPv4 source address of an untagged
+    /// frame, in a plain hash map the benchmark fills. Never attached.
+    #[xdp]
+    pub fn sg_bench_hash(ctx: XdpContext) -> u32 {
+        let Ok(p) = parse::ptr_at::<[u8; 4]>(&Xdp(&ctx), 26) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        // SAFETY: bounds checked by ptr_at; read-only lookup.
+        let key = u32::from_ne_bytes(unsafe { core::ptr::read_unaligned(p) });
+        match unsafe { crate::maps::SG_BENCH.get(&key) } {
+            Some(_) => xdp_action::XDP_PASS,
+            None => xdp_action::XDP_DROP,
         }
     }
 

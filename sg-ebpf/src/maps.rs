@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use sg_common::*;
 
@@ -49,10 +49,11 @@ pub static SG_IFACE: HashMap<u32, IfaceConfig> =
 #[map]
 pub static SG_GLOBAL: Array<GlobalConfig> = Array::with_max_entries(1, 0);
 
-/// ifindex → per-CPU counters; written by the datapath.
+/// Counter slot of an interface → per-CPU counters; written by the datapath, zeroed by
+/// the agent when it gives a slot to an interface.
 #[map]
-pub static SG_COUNTERS: PerCpuHashMap<u32, Counters> =
-    PerCpuHashMap::with_max_entries(DEFAULT_IFACE_ENTRIES, 0);
+pub static SG_COUNTERS: PerCpuArray<Counters> =
+    PerCpuArray::with_max_entries(DEFAULT_IFACE_ENTRIES, 0);
 
 /// rule id → per-CPU count of flows admitted; written by the datapath.
 #[map]
@@ -70,6 +71,12 @@ pub static SG_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 /// Per-CPU rate limiter of denied-flow events.
 #[map]
 pub static SG_EVENT_RATE: PerCpuArray<EventRate> = PerCpuArray::with_max_entries(1, 0);
+
+/// Benchmark floor: a plain hash map keyed by IPv4 source address; never used by the
+/// enforcing programs.
+#[map]
+pub static SG_BENCH: HashMap<u32, u32> =
+    HashMap::with_max_entries(1 << 18, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 /// The agent's status document; written by the agent only.
 #[map]

@@ -55,6 +55,8 @@ pub struct Ip {
     pub frag_id: u32,
     /// Offset of the L4 header.
     pub l4_off: usize,
+    /// Bytes from the Ethernet header to the end of the IP packet (for flow accounting).
+    pub len: u32,
 }
 
 /// L4 fields. Ports are host order. For ICMP, `sport` is the echo identifier.
@@ -117,8 +119,11 @@ fn parse_ipv4(f: &impl Frame, off: usize) -> Result<Ip, u32> {
         return Err(dr::BAD_IHL);
     }
     let total = be16([h[2], h[3]]) as usize;
-    let available = (f.wire_len() as usize).saturating_sub(off);
-    if total < ihl || total > available {
+    // The frame's full length costs a helper call in XDP: ask only when the packet does
+    // not fit in the directly readable part.
+    let linear = f.end() - f.start();
+    let fits = off + total <= linear;
+    if total < ihl || (!fits && total > (f.wire_len() as usize).saturating_sub(off)) {
         return Err(dr::BAD_LENGTH);
     }
     let frag_field = be16([h[6], h[7]]);
@@ -138,6 +143,7 @@ fn parse_ipv4(f: &impl Frame, off: usize) -> Result<Ip, u32> {
         frag,
         frag_id: be16([h[4], h[5]]) as u32,
         l4_off: off + ihl,
+        len: (off + total) as u32,
     };
     ip.src[..4].copy_from_slice(&h[12..16]);
     ip.dst[..4].copy_from_slice(&h[16..20]);
@@ -164,9 +170,12 @@ fn parse_ipv6(f: &impl Frame, off: usize) -> Result<Ip, u32> {
         return Err(dr::BAD_IP_VERSION);
     }
     let payload = be16([h[4], h[5]]) as usize;
-    let available = (f.wire_len() as usize).saturating_sub(off + 40);
+    let linear = f.end() - f.start();
+    let fits = off + 40 + payload <= linear;
     // A zero payload length with a hop-by-hop header is a jumbogram (RFC 2675).
-    if payload > available || (payload == 0 && h[6] != NEXTHDR_HOP && h[6] != 59) {
+    if (!fits && payload > (f.wire_len() as usize).saturating_sub(off + 40))
+        || (payload == 0 && h[6] != NEXTHDR_HOP && h[6] != 59)
+    {
         return Err(dr::BAD_LENGTH);
     }
     let mut ip = Ip {
@@ -178,6 +187,7 @@ fn parse_ipv6(f: &impl Frame, off: usize) -> Result<Ip, u32> {
         frag: FRAG_NONE,
         frag_id: 0,
         l4_off: off + 40,
+        len: (off + 40 + payload) as u32,
     };
     ip.src.copy_from_slice(&h[8..24]);
     ip.dst.copy_from_slice(&h[24..40]);
@@ -284,6 +294,7 @@ pub fn parse_embedded(f: &impl Frame, outer: &Ip) -> Result<Ip, u32> {
         frag: FRAG_NONE,
         frag_id: 0,
         l4_off: 0,
+        len: 0,
     };
     if outer.family == FAMILY_V4 {
         let h = read::<[u8; 20]>(f, off, dr::TRUNCATED_L4)?;
