@@ -188,7 +188,7 @@ impl Agent {
         {
             return;
         }
-        match source::load_file(&self.opts.state) {
+        match source::parse_bytes(&self.opts.state, text, sha) {
             Ok(loaded) => {
                 if let Err(e) = self.apply(loaded) {
                     self.fail(format!("applying state: {e}"));
@@ -299,6 +299,7 @@ impl Agent {
         self.state = Some(loaded);
         self.last_error = None;
         self.write_status();
+        release_free_memory();
         Ok(())
     }
 
@@ -379,6 +380,16 @@ impl Agent {
 
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+}
+
+/// Hands memory freed after a large parse or compile back to the system, so the agent's
+/// resident size is what it keeps, not its peak.
+#[allow(unsafe_code)]
+fn release_free_memory() {
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -3,7 +3,8 @@
 
 use std::{ffi::CString, io, os::unix::ffi::OsStrExt, path::PathBuf};
 
-/// Calls `on_change` after every batch of events in `dirs` until it returns false.
+/// Calls `on_change` once the watches are in place (so a change made before then is not
+/// missed), then after every batch of events in `dirs`, until it returns false.
 pub fn watch(dirs: &[PathBuf], mut on_change: impl FnMut() -> bool) -> io::Result<()> {
     // SAFETY: plain syscalls on a descriptor we own; the buffer is ours and sized.
     unsafe {
@@ -27,6 +28,10 @@ pub fn watch(dirs: &[PathBuf], mut on_change: impl FnMut() -> bool) -> io::Resul
             }
         }
         let mut buf = [0u8; 4096];
+        if !on_change() {
+            libc::close(fd);
+            return Ok(());
+        }
         loop {
             let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
             if n < 0 {

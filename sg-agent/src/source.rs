@@ -78,7 +78,13 @@ pub fn load_file(path: &Path) -> Result<LoadedState, StateError> {
         file: path.to_path_buf(),
         problems: vec![Problem::new("file", "-", format!("cannot read: {e}"))],
     })?;
-    let text = String::from_utf8(bytes.clone()).map_err(|_| StateError {
+    let sha256 = sha256_hex(&bytes);
+    parse_bytes(path, bytes, sha256)
+}
+
+/// Parses and validates the content of `path` already read (with its SHA-256).
+pub fn parse_bytes(path: &Path, bytes: Vec<u8>, sha256: String) -> Result<LoadedState, StateError> {
+    let text = String::from_utf8(bytes).map_err(|_| StateError {
         file: path.to_path_buf(),
         problems: vec![Problem::new("file", "-", "is not UTF-8 text")],
     })?;
@@ -86,10 +92,7 @@ pub fn load_file(path: &Path) -> Result<LoadedState, StateError> {
         file: path.to_path_buf(),
         problems,
     })?;
-    Ok(LoadedState {
-        state,
-        sha256: sha256_hex(&bytes),
-    })
+    Ok(LoadedState { state, sha256 })
 }
 
 /// Parses and validates state text in either format.

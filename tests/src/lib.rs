@@ -12,6 +12,7 @@ pub mod bpf;
 pub mod lab;
 pub mod netns;
 pub mod packet;
+pub mod peers;
 pub mod privileges;
 pub mod scale;
 

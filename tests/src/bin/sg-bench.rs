@@ -127,7 +127,7 @@ fn main() -> ExitCode {
         if !require_root("bench peers") {
             return ExitCode::FAILURE;
         }
-        sg_tests::benches::bench_peers(
+        sg_tests::peers::bench_peers(
             mode == Mode::Smoke,
             mode == Mode::Quick,
             &mut |name, md, v| publish(name, md, v),

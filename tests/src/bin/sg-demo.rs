@@ -262,10 +262,7 @@ fn main() -> ExitCode {
     );
 
     let word = |b: bool| if b { "ALLOW" } else { "DENY" };
-    println!(
-        "\n{:<55} {:<9} {:<9} {}",
-        "flow", "expected", "observed", ""
-    );
+    println!("\n{:<55} {:<9} {:<9}", "flow", "expected", "observed");
     let mut failures = 0;
     for c in &checks {
         let ok = c.expected == c.observed;
