@@ -461,66 +461,46 @@ impl Datapath {
                 },
             );
         }
+        let mut put = |ifindex: u32, direction: u8, addr: IpAddr, len: u32, ruleset: RulesetRef| {
+            let key = PrefixKey {
+                ifindex,
+                direction: direction_of(direction),
+                cidr: Cidr::truncate(addr, len as u8),
+            };
+            plan.prefixes.insert(key, ruleset.ruleset);
+        };
         let a4: HashMap<&mut MapData, Addr4Key, RulesetRef> = self.map(MAP_ADDR4)?;
         for item in a4.iter() {
             let (k, v) = item.map_err(map_err(MAP_ADDR4))?;
-            let cidr = Cidr::host(IpAddr::from(k.addr));
-            plan.prefixes.insert(
-                PrefixKey {
-                    ifindex: k.ifindex,
-                    direction: direction_of(k.direction),
-                    cidr,
-                },
-                v.ruleset,
-            );
+            put(k.ifindex, k.direction, IpAddr::from(k.addr), 32, v);
         }
         let a6: HashMap<&mut MapData, Addr6Key, RulesetRef> = self.map(MAP_ADDR6)?;
         for item in a6.iter() {
             let (k, v) = item.map_err(map_err(MAP_ADDR6))?;
-            let cidr = Cidr::host(IpAddr::from(k.addr));
-            plan.prefixes.insert(
-                PrefixKey {
-                    ifindex: k.ifindex,
-                    direction: direction_of(k.direction),
-                    cidr,
-                },
-                v.ruleset,
-            );
+            put(k.ifindex, k.direction, IpAddr::from(k.addr), 128, v);
         }
         let n4: LpmTrie<&mut MapData, Net4Data, RulesetRef> = self.map(MAP_NET4)?;
         for item in n4.iter() {
             let (k, v) = item.map_err(map_err(MAP_NET4))?;
-            let d = k.data();
-            let cidr = Cidr::truncate(
+            let (d, len) = (k.data(), k.prefix_len() - NET_KEY_FIXED_BITS);
+            put(
+                u32::from_be_bytes(d.ifindex),
+                d.direction,
                 IpAddr::from(d.addr),
-                (k.prefix_len() - NET_KEY_FIXED_BITS) as u8,
-            );
-            let ifindex = u32::from_be_bytes(d.ifindex);
-            plan.prefixes.insert(
-                PrefixKey {
-                    ifindex,
-                    direction: direction_of(d.direction),
-                    cidr,
-                },
-                v.ruleset,
+                len,
+                v,
             );
         }
         let n6: LpmTrie<&mut MapData, Net6Data, RulesetRef> = self.map(MAP_NET6)?;
         for item in n6.iter() {
             let (k, v) = item.map_err(map_err(MAP_NET6))?;
-            let d = k.data();
-            let cidr = Cidr::truncate(
+            let (d, len) = (k.data(), k.prefix_len() - NET_KEY_FIXED_BITS);
+            put(
+                u32::from_be_bytes(d.ifindex),
+                d.direction,
                 IpAddr::from(d.addr),
-                (k.prefix_len() - NET_KEY_FIXED_BITS) as u8,
-            );
-            let ifindex = u32::from_be_bytes(d.ifindex);
-            plan.prefixes.insert(
-                PrefixKey {
-                    ifindex,
-                    direction: direction_of(d.direction),
-                    cidr,
-                },
-                v.ruleset,
+                len,
+                v,
             );
         }
         let ports: LpmTrie<&mut MapData, PortData, Grant> = self.map(MAP_PORTS)?;

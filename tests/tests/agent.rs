@@ -155,11 +155,8 @@ fn both_state_formats_enforce_the_same_and_restart_adopts() {
     assert!(!link.contains("xdp"), "no program left: {link}");
 }
 
-#[test]
-fn membership_change_admits_new_and_keeps_established_connections() {
-    if !require_root("membership_change_admits_new_and_keeps_established_connections") {
-        return;
-    }
+/// A database server and a web server that is not in the state yet.
+fn db_and_web3() -> (Lab, Host, Host) {
     let mut lab = Lab::new();
     let db = lab.host("db", DB_MAC, &["198.18.2.21/16"]);
     let web3 = lab.host("web3", "02:5e:00:00:01:03", &["198.18.1.13/16"]);
@@ -167,6 +164,22 @@ fn membership_change_admits_new_and_keeps_established_connections() {
     wait_for("the lab", Duration::from_secs(10), || {
         tcp::reaches(&web3.ns, "198.18.2.21:3306").then_some(())
     });
+    (lab, db, web3)
+}
+
+/// The two-tier example with web3 in web-sg.
+fn with_web3(base: &str) -> String {
+    format!(
+        "{base}\n[[interface]]\nid = \"eni-web3\"\nmac = \"02:5e:00:00:01:03\"\nipv4 = [\"198.18.1.13\"]\ngroups = [\"sg-0a00000000000web\"]\n"
+    )
+}
+
+#[test]
+fn membership_change_admits_new_and_keeps_established_connections() {
+    if !require_root("membership_change_admits_new_and_keeps_established_connections") {
+        return;
+    }
+    let (_lab, db, web3) = db_and_web3();
     let dir = TempDir::new("member");
     let state = dir.path("state.toml");
     let base = example("two-tier.toml");
@@ -178,9 +191,7 @@ fn membership_change_admits_new_and_keeps_established_connections() {
         "web3 is not a member yet"
     );
 
-    let joined = format!(
-        "{base}\n[[interface]]\nid = \"eni-web3\"\nmac = \"02:5e:00:00:01:03\"\nipv4 = [\"198.18.1.13\"]\ngroups = [\"sg-0a00000000000web\"]\n"
-    );
+    let joined = with_web3(&base);
     let sha = write_state(&state, &joined);
     db.wait_applied(&sha, &mut agent);
     assert!(
@@ -210,19 +221,11 @@ fn revalidate_mode_cuts_connections_that_policy_no_longer_allows() {
     if !require_root("revalidate_mode_cuts_connections_that_policy_no_longer_allows") {
         return;
     }
-    let mut lab = Lab::new();
-    let db = lab.host("db", DB_MAC, &["198.18.2.21/16"]);
-    let web3 = lab.host("web3", "02:5e:00:00:01:03", &["198.18.1.13/16"]);
-    tcp::echo_server(&db.ns, "[::]:3306");
-    wait_for("the lab", Duration::from_secs(10), || {
-        tcp::reaches(&web3.ns, "198.18.2.21:3306").then_some(())
-    });
+    let (_lab, db, web3) = db_and_web3();
     let dir = TempDir::new("revalidate");
     let state = dir.path("state.toml");
     let base = example("two-tier.toml");
-    let joined = format!(
-        "{base}\n[[interface]]\nid = \"eni-web3\"\nmac = \"02:5e:00:00:01:03\"\nipv4 = [\"198.18.1.13\"]\ngroups = [\"sg-0a00000000000web\"]\n"
-    );
+    let joined = with_web3(&base);
     let sha = write_state(&state, &joined);
     let mut agent = db.start_agent(&state, &["--revalidate"], &dir.path("db.log"));
     db.wait_applied(&sha, &mut agent);

@@ -68,7 +68,11 @@ static SMOKE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new
 fn publish(name: &str, markdown: &str, results: Value) {
     // A smoke run only proves the harness works: its figures never replace real ones.
     let smoke = SMOKE.load(std::sync::atomic::Ordering::Relaxed);
-    let md_path = if smoke { root().join("target/bench/benchmarks-smoke.md") } else { root().join("docs/benchmarks.md") };
+    let md_path = if smoke {
+        root().join("target/bench/benchmarks-smoke.md")
+    } else {
+        root().join("docs/benchmarks.md")
+    };
     std::fs::create_dir_all(md_path.parent().unwrap()).unwrap();
     let mut md = std::fs::read_to_string(&md_path).unwrap_or_else(|_| {
         "# Benchmarks\n\nMeasured with `cargo xtask bench` on the project's development VM (2 cores, shared \
@@ -86,7 +90,11 @@ fn publish(name: &str, markdown: &str, results: Value) {
         _ => format!("{md}\n{block}\n"),
     };
     std::fs::write(&md_path, md).expect("writing docs/benchmarks.md");
-    let json_path = root().join(if smoke { "target/bench/results-smoke.json" } else { "target/bench/results.json" });
+    let json_path = root().join(if smoke {
+        "target/bench/results-smoke.json"
+    } else {
+        "target/bench/results.json"
+    });
     std::fs::create_dir_all(json_path.parent().unwrap()).unwrap();
     let mut all: Value = std::fs::read_to_string(&json_path)
         .ok()
