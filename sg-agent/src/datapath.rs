@@ -175,7 +175,12 @@ impl Datapath {
             .map_max_entries(MAP_RULE_HITS, sizes.rules)
             .map_max_entries(MAP_FRAGS, sizes.fragments);
         let mut ebpf = loader.load(object)?;
-        for name in [PROG_XDP_INGRESS, PROG_BENCH_EMPTY, PROG_BENCH_HASH] {
+        for name in [
+            PROG_XDP_INGRESS,
+            PROG_BENCH_EMPTY,
+            PROG_BENCH_HASH,
+            PROG_GEN,
+        ] {
             let xdp: &mut Xdp = program(&mut ebpf, name)?;
             xdp.load().map_err(prog_err(name))?;
         }

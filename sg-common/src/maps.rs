@@ -76,6 +76,8 @@ pub const PROG_TC_EGRESS: &str = "sg_tc_egress";
 /// Benchmark floors (never attached): an empty XDP program and one hash lookup.
 pub const PROG_BENCH_EMPTY: &str = "sg_bench_empty";
 pub const PROG_BENCH_HASH: &str = "sg_bench_hash";
+/// Benchmark traffic generator (BPF_PROG_RUN live frames); never attached.
+pub const PROG_GEN: &str = "sg_gen";
 /// The plain hash map of the `sg_bench_hash` floor (IPv4 source address → 1).
 pub const MAP_BENCH: &str = "SG_BENCH";
 

@@ -1,6 +1,7 @@
 //! The maps of the sg datapath. Layouts and names come from `sg-common`; sizes here are
 //! defaults that the agent overrides at load time.
 
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
@@ -16,15 +17,16 @@ pub static SG_CT: HashMap<CtKey, CtEntry> = HashMap::with_max_entries(DEFAULT_CT
 pub static SG_CT_NEW: LruHashMap<CtKey, CtEntry> =
     LruHashMap::with_max_entries(DEFAULT_CT_NEW_ENTRIES, 0);
 
-/// Exact remote IPv4 addresses → ruleset; written by the agent.
+/// Exact remote IPv4 addresses → ruleset; written by the agent (only), so not
+/// preallocated: kernel memory follows the number of members, not the capacity.
 #[map]
 pub static SG_ADDR4: HashMap<Addr4Key, RulesetRef> =
-    HashMap::with_max_entries(DEFAULT_ADDR_ENTRIES, 0);
+    HashMap::with_max_entries(DEFAULT_ADDR_ENTRIES, BPF_F_NO_PREALLOC);
 
-/// Exact remote IPv6 addresses → ruleset; written by the agent.
+/// Exact remote IPv6 addresses → ruleset; written by the agent only, not preallocated.
 #[map]
 pub static SG_ADDR6: HashMap<Addr6Key, RulesetRef> =
-    HashMap::with_max_entries(DEFAULT_ADDR_ENTRIES, 0);
+    HashMap::with_max_entries(DEFAULT_ADDR_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// Flattened remote IPv4 CIDRs → ruleset; written by the agent.
 #[map]

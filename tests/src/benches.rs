@@ -164,31 +164,7 @@ pub fn bench_agent(smoke: bool, publish: &mut Publish) {
     let mut md = String::from("## Agent (`cargo xtask bench agent`)\n\n");
     let mut results = json!({});
     for format in ["toml", "json"] {
-        let dir = TempDir::new("bench-agent");
-        let state_path = dir.path(&format!("state.{format}"));
-        let base_members = scale::state_text(100, members);
-        let to_format = |text: &str| -> String {
-            if format == "toml" {
-                text.to_string()
-            } else {
-                aws_json(&sg_agent::source::parse_str(text).expect("bench state"))
-            }
-        };
-        write_state(&state_path, &to_format(&base_members));
-        let agent = PinnedAgent::start(&state_path, dir, &[]);
-        agent.wait_member(members - 1, Duration::from_secs(60));
-        let mut samples = vec![];
-        let mut text = base_members.clone();
-        for k in 0..changes {
-            let i = members + k;
-            text += &scale::members_text(i, i + 1);
-            let body = to_format(&text);
-            let start = Instant::now();
-            write_state(&state_path, &body);
-            let _ = agent.wait_member(i, Duration::from_secs(10));
-            samples.push(start.elapsed().as_secs_f64() * 1000.0);
-        }
-        samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let samples = one_member_latency(format, members, changes);
         let (p50, p99) = (percentile(&samples, 0.5), percentile(&samples, 0.99));
         md += &format!(
             "- {format}: state file rewritten with one more member of a {members}-member group → the \
@@ -232,6 +208,41 @@ pub fn bench_agent(smoke: bool, publish: &mut Publish) {
     }
     md += "\nGoals: one-member change p99 ≤ 10 ms; RSS ≤ 64 MiB at 10k rules and 100k members.\n";
     publish("agent", &md, results);
+}
+
+/// Milliseconds from rewriting the state file (one more member of a `members`-member
+/// group) to the member's address in the agent's map, `changes` times; sorted.
+pub fn one_member_latency(format: &str, members: u32, changes: u32) -> Vec<f64> {
+    let dir = TempDir::new("bench-agent");
+    let state_path = dir.path(&format!("state.{format}"));
+    let base_members = scale::state_text(100, members);
+    let to_format = |text: &str| -> String {
+        if format == "toml" {
+            text.to_string()
+        } else {
+            aws_json(&sg_agent::source::parse_str(text).expect("bench state"))
+        }
+    };
+    write_state(&state_path, &to_format(&base_members));
+    let agent = PinnedAgent::start(&state_path, dir, &[]);
+    agent.wait_member(members - 1, Duration::from_secs(60));
+    let mut samples = vec![];
+    let mut text = base_members;
+    for k in 0..changes {
+        let i = members + k;
+        text += &scale::members_text(i, i + 1);
+        let body = to_format(&text);
+        let start = Instant::now();
+        write_state(&state_path, &body);
+        let _ = agent.wait_member(i, Duration::from_secs(10));
+        samples.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    samples
+}
+
+pub fn percentile_of(sorted: &[f64], p: f64) -> f64 {
+    percentile(sorted, p)
 }
 
 /// The same state in AWS JSON shapes.

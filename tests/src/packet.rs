@@ -267,3 +267,43 @@ pub fn ethertype(t: u16) -> Vec<u8> {
     f.extend_from_slice(&[0u8; 46]);
     f
 }
+
+/// Fills in valid IPv4 header and TCP/UDP checksums of an untagged Ethernet/IPv4 frame
+/// (for traffic that a real stack will receive).
+pub fn fix_ipv4_checksums(frame: &mut [u8]) {
+    fn fold(mut sum: u32) -> u16 {
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+    fn add(bytes: &[u8]) -> u32 {
+        bytes
+            .chunks(2)
+            .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
+            .sum()
+    }
+    let ihl = ((frame[14] & 0x0f) as usize) * 4;
+    frame[24] = 0;
+    frame[25] = 0;
+    let c = fold(add(&frame[14..14 + ihl]));
+    frame[24..26].copy_from_slice(&c.to_be_bytes());
+    let l4 = 14 + ihl;
+    let total = u16::from_be_bytes([frame[16], frame[17]]) as usize;
+    let len = total - ihl;
+    let proto = frame[23];
+    let at = match proto {
+        6 => l4 + 16,
+        17 => l4 + 6,
+        _ => return,
+    };
+    frame[at] = 0;
+    frame[at + 1] = 0;
+    if proto == 17 {
+        return; // UDP over IPv4: no checksum
+    }
+    let mut sum = add(&frame[26..34]) + proto as u32 + len as u32;
+    sum += add(&frame[l4..l4 + len]);
+    let c = fold(sum);
+    frame[at..at + 2].copy_from_slice(&c.to_be_bytes());
+}

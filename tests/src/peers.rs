@@ -17,10 +17,14 @@ use std::{
 
 use serde_json::{json, Value};
 
+use aya::programs::{TestRun, TestRunAttrs, TestRunOptions};
+use sg_agent::datapath::{Datapath, MapSizes};
+
 use crate::{
     benches::Publish,
     lab::{agent_bin, write_state, TempDir},
     netns::{run, veth, Netns},
+    packet::{self, tcp, udp, TH_SYN},
     scale, wait_for,
 };
 
@@ -114,7 +118,7 @@ fn nft_script(n: u32, set: bool) -> String {
         }
         s += &format!("    ip saddr {CLIENT} tcp dport 5201-5300 accept\n");
     }
-    s += &format!("    ip saddr {CLIENT} udp dport 9000 accept\n  }}\n}}\n");
+    s += &format!("    ip saddr {CLIENT} udp dport 9000 accept\n    counter name dropped drop\n  }}\n  counter dropped {{}}\n}}\n");
     s
 }
 
@@ -128,7 +132,7 @@ fn iptables_script(n: u32) -> String {
     {
         s += &format!("-A INPUT -s {peer}/32 -p tcp --dport {port} -j ACCEPT\n");
     }
-    s += &format!("-A INPUT -s {CLIENT}/32 -p tcp --dport 5201:5300 -j ACCEPT\n-A INPUT -s {CLIENT}/32 -p udp --dport 9000 -j ACCEPT\nCOMMIT\n");
+    s += &format!("-A INPUT -s {CLIENT}/32 -p tcp --dport 5201:5300 -j ACCEPT\n-A INPUT -s {CLIENT}/32 -p udp --dport 9000 -j ACCEPT\n-A INPUT -j DROP\nCOMMIT\n");
     s
 }
 
@@ -155,6 +159,8 @@ impl Pair {
         server.ip(&["link", "set", "eth0", "address", SERVER_MAC]);
         for ns in [&server, &client] {
             ns.ip(&["link", "set", "eth0", "mtu", &mtu.to_string()]);
+            // NAPI on both ends: the generator's frames (XDP_TX) need it on the receiver.
+            let _ = ns.cmd("ethtool").args(["-K", "eth0", "gro", "on"]).output();
         }
         let iperf = server
             .cmd("iperf3")
@@ -291,6 +297,84 @@ impl Installed {
         }
     }
 
+    /// Packets this variant's filter has dropped so far, from its own counter.
+    fn dropped(&self) -> Option<u64> {
+        match self.variant {
+            Variant::None => None,
+            Variant::SgXdp | Variant::SgTc => {
+                let (_, _, pins) = self.agent.as_ref()?;
+                let out = Command::new(agent_bin())
+                    .args(["status", "--json", "--pin-dir"])
+                    .arg(pins.join("sg"))
+                    .output()
+                    .ok()?;
+                let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+                v["interfaces"][0]["counters"]["ingress"]["dropped_policy"].as_u64()
+            }
+            Variant::NftLinear | Variant::NftSet => {
+                let out = Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        &self.server,
+                        "nft",
+                        "-j",
+                        "list",
+                        "counter",
+                        "inet",
+                        "sgbench",
+                        "dropped",
+                    ])
+                    .output()
+                    .ok()?;
+                let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+                v["nftables"]
+                    .as_array()?
+                    .iter()
+                    .find_map(|o| o["counter"]["packets"].as_u64())
+            }
+            Variant::Iptables => {
+                let out = Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        &self.server,
+                        "iptables-legacy",
+                        "-L",
+                        "INPUT",
+                        "-v",
+                        "-x",
+                        "-n",
+                    ])
+                    .output()
+                    .ok()?;
+                let text = String::from_utf8_lossy(&out.stdout).to_string();
+                let line = text.lines().rev().find(|l| {
+                    l.contains("DROP")
+                        && l.contains("0.0.0.0/0            0.0.0.0/0")
+                        && !l.starts_with("Chain")
+                })?;
+                line.split_whitespace().next()?.parse().ok()
+            }
+        }
+    }
+
+    /// Kernel memory of the agent's pinned maps (bpftool's bytes_memlock).
+    fn map_kib(&self) -> Option<f64> {
+        let (_, _, pins) = self.agent.as_ref()?;
+        let mut total = 0u64;
+        for name in sg_common::ALL_MAPS {
+            let out = Command::new("bpftool")
+                .args(["-j", "map", "show", "pinned"])
+                .arg(pins.join("sg").join(name))
+                .output()
+                .ok()?;
+            let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+            total += v["bytes_memlock"].as_u64().unwrap_or(0);
+        }
+        Some(total as f64 / 1024.0)
+    }
+
     fn agent_rss_mib(&self) -> Option<f64> {
         let (child, _, _) = self.agent.as_ref()?;
         let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok()?;
@@ -395,6 +479,108 @@ fn conn_rate(pair: &Pair, secs: f64) -> f64 {
     })
 }
 
+/// The traffic generator: sg_gen run with BPF_PROG_RUN in live-frames mode, as if the
+/// frames arrived on the client's eth0, which transmits them (XDP_TX) to the server.
+struct Generator {
+    dp: Datapath,
+}
+
+impl Generator {
+    fn new() -> Generator {
+        let sizes = MapSizes {
+            conntrack: 64,
+            conntrack_new: 64,
+            addresses: 64,
+            networks: 64,
+            ports: 64,
+            interfaces: 4,
+            rules: 64,
+            fragments: 16,
+        };
+        Generator {
+            dp: Datapath::load(&sizes).expect("loading the generator"),
+        }
+    }
+
+    /// Sends `template` (re-randomised per frame) for `secs`; returns frames sent.
+    fn send(&mut self, pair: &Pair, template: &[u8], secs: f64) -> u64 {
+        let ifindex = pair.client.ifindex("eth0");
+        let prog = self.dp.xdp(sg_common::PROG_GEN).expect("generator program");
+        pair.client.enter(|| {
+            let mut ctx = [0u8; 24];
+            ctx[4..8].copy_from_slice(&(template.len() as u32).to_ne_bytes());
+            ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+            let start = Instant::now();
+            let mut sent = 0u64;
+            while start.elapsed().as_secs_f64() < secs {
+                let opts = TestRunOptions {
+                    data_in: Some(template),
+                    ctx_in: Some(&ctx),
+                    repeat: 20_000,
+                    attrs: TestRunAttrs::new().xdp_live_frames(64),
+                    ..TestRunOptions::default()
+                };
+                match prog.test_run(opts) {
+                    Ok(_) => sent += 20_000,
+                    Err(e) => panic!("live-frames generator: {e:?}"),
+                }
+            }
+            sent
+        })
+    }
+}
+
+fn syn_flood_template() -> Vec<u8> {
+    let mut f = tcp("198.19.0.1", SERVER, 1024, 7777, TH_SYN).build();
+    f[0..6].copy_from_slice(&mac_bytes(SERVER_MAC));
+    packet::fix_ipv4_checksums(&mut f);
+    f
+}
+
+fn udp_template() -> Vec<u8> {
+    let mut s = udp(CLIENT, SERVER, 1024, 9000);
+    s.payload = 22; // a 64-byte frame
+    let mut f = s.build();
+    f[0..6].copy_from_slice(&mac_bytes(SERVER_MAC));
+    packet::fix_ipv4_checksums(&mut f);
+    f
+}
+
+fn mac_bytes(mac: &str) -> [u8; 6] {
+    let mut b = [0u8; 6];
+    for (i, part) in mac.split(':').enumerate() {
+        b[i] = u8::from_str_radix(part, 16).unwrap();
+    }
+    b
+}
+
+/// Packets per second received by a UDP sink on the server during `secs`.
+fn udp_sink(pair: &Pair, gen: &mut Generator, secs: f64) -> f64 {
+    let sock = pair
+        .server
+        .udp_bind(format!("{SERVER}:9000").parse().unwrap());
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    let counter = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        let mut n = 0u64;
+        while !s2.load(Ordering::Relaxed) {
+            if sock.recv(&mut buf).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    });
+    let started = Instant::now();
+    gen.send(pair, &udp_template(), secs);
+    std::thread::sleep(Duration::from_millis(100));
+    stop.store(true, Ordering::Relaxed);
+    let n = counter.join().unwrap();
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
 fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     (v[v.len() / 2], v[0], v[v.len() - 1])
@@ -416,14 +602,20 @@ pub fn bench_peers(smoke: bool, quick: bool, publish: &mut Publish) {
     } else {
         (&[10, 1000, 10_000, 100_000], 3, 3, &[1500, 9000])
     };
+    let flood_secs = if smoke { 1.0 } else { 2.0 };
+    let mut gen = Generator::new();
     let mut rows: Vec<Value> = vec![];
+    let mut memory: Vec<(u32, Variant, f64, f64)> = vec![];
+    let mut setups: std::collections::BTreeMap<(u32, Variant), f64> = Default::default();
     let mut md = String::from(
         "## Against peers (`cargo xtask bench peers`)\n\n\
          Two namespaces joined by a veth pair; each variant filters the receiving side with an\n\
          equal policy from one security-group state: N TCP rules, the client's rule last, and\n\
          conntrack (established and related traffic accepted first). Variants run interleaved\n\
          (A, B, A, B …); medians with min–max, and the ratio to the unfiltered baseline of\n\
-         the same run.\n\n",
+         the same run. The denied flood and the small packets come from sg's own generator\n\
+         (BPF_PROG_RUN with live frames, random sources in 198.19.0.0/16, valid checksums),\n\
+         transmitted by the client's veth to the server.\n\n",
     );
     for &mtu in mtus {
         let pair = Pair::new(mtu);
@@ -431,14 +623,16 @@ pub fn bench_peers(smoke: bool, quick: bool, publish: &mut Publish) {
             let active: Vec<Variant> = variants.iter().copied().filter(|v| v.scales(n)).collect();
             let mut samples: std::collections::BTreeMap<(Variant, &str), Vec<f64>> =
                 Default::default();
-            let mut setup: std::collections::BTreeMap<Variant, f64> = Default::default();
-            let mut rss: std::collections::BTreeMap<Variant, f64> = Default::default();
             for _ in 0..reps {
                 for &v in &active {
                     let installed = Installed::new(&pair, v, n);
-                    setup.insert(v, installed.setup_ms);
-                    if let Some(r) = installed.agent_rss_mib() {
-                        rss.insert(v, r);
+                    setups.insert((n, v), installed.setup_ms);
+                    if mtu == 1500 {
+                        if let (Some(r), Some(k)) = (installed.agent_rss_mib(), installed.map_kib())
+                        {
+                            memory.retain(|(mn, mv, _, _)| !(*mn == n && *mv == v));
+                            memory.push((n, v, r, k));
+                        }
                     }
                     samples
                         .entry((v, "tcp_1"))
@@ -453,6 +647,20 @@ pub fn bench_peers(smoke: bool, quick: bool, publish: &mut Publish) {
                             .entry((v, "conn_s"))
                             .or_default()
                             .push(conn_rate(&pair, secs as f64 / 2.0));
+                        let (gen_pps, dropped_pps, kept) =
+                            flood(&pair, &installed, &mut gen, flood_secs);
+                        samples.entry((v, "flood_pps")).or_default().push(gen_pps);
+                        if let Some(d) = dropped_pps {
+                            samples.entry((v, "dropped_pps")).or_default().push(d);
+                        }
+                        samples
+                            .entry((v, "tcp_under_flood"))
+                            .or_default()
+                            .push(kept);
+                        samples
+                            .entry((v, "udp64_pps"))
+                            .or_default()
+                            .push(udp_sink(&pair, &mut gen, flood_secs));
                     }
                     drop(installed);
                 }
@@ -463,47 +671,206 @@ pub fn bench_peers(smoke: bool, quick: bool, publish: &mut Publish) {
                     .map(|v| median(v.clone()).0)
                     .unwrap_or(f64::NAN)
             };
-            md += &format!(
-                "### MTU {mtu}, {n} rules\n\n| variant | TCP 1 stream Gbit/s | × base | TCP 2 streams Gbit/s | × base |{}\n| --- | ---: | ---: | ---: | ---: |{}\n",
-                if mtu == 1500 { " new conn/s | × base |" } else { "" },
-                if mtu == 1500 { " ---: | ---: |" } else { "" }
-            );
-            for &v in &active {
-                let mut line = format!("| {} |", v.label());
-                let mut row = json!({ "mtu": mtu, "rules": n, "variant": v.label(), "setup_ms": setup.get(&v), "agent_rss_mib": rss.get(&v) });
-                let metrics: &[&str] = if mtu == 1500 {
-                    &["tcp_1", "tcp_2", "conn_s"]
-                } else {
-                    &["tcp_1", "tcp_2"]
-                };
-                for m in metrics {
-                    let (med, lo, hi) = median(samples[&(v, *m)].clone());
-                    let ratio = med / base(m);
-                    line += &format!(
-                        " {} ({}–{}) | {ratio:.2} |",
-                        fmt(*m, med),
-                        fmt(*m, lo),
-                        fmt(*m, hi)
-                    );
-                    row[*m] =
-                        json!({ "median": med, "min": lo, "max": hi, "ratio_to_baseline": ratio });
-                }
-                md += &line;
+            md += &format!("### MTU {mtu}, {n} rules\n\n");
+            let tables: &[(&str, &[&str])] = if mtu == 1500 {
+                &[
+                    ("| variant | TCP 1 stream Gbit/s | × base | TCP 2 streams Gbit/s | × base | new conn/s | × base |", &["tcp_1", "tcp_2", "conn_s"]),
+                    ("| variant | denied flood, frames/s through generator and filter | × base | dropped by the filter, pkt/s | allowed TCP stream during the flood, Gbit/s | kept (× its own unflooded stream) | UDP 64 B into a sink, pkt/s | × base |", &["flood_pps", "dropped_pps", "tcp_under_flood", "kept", "udp64_pps"]),
+                ]
+            } else {
+                &[(
+                    "| variant | TCP 1 stream Gbit/s | × base | TCP 2 streams Gbit/s | × base |",
+                    &["tcp_1", "tcp_2"],
+                )]
+            };
+            for (header, metrics) in tables {
+                let cols = header.matches('|').count() - 1;
+                md += header;
+                md += "\n|";
+                md += &" --- |".repeat(cols);
                 md += "\n";
-                rows.push(row);
+                for &v in &active {
+                    let mut line = format!("| {} |", v.label());
+                    let mut row = json!({ "mtu": mtu, "rules": n, "variant": v.label(), "setup_ms": setups.get(&(n, v)) });
+                    for m in *metrics {
+                        if *m == "kept" {
+                            let kept = median(samples[&(v, "tcp_under_flood")].clone()).0
+                                / median(samples[&(v, "tcp_1")].clone()).0;
+                            line += &format!(" {:.0} % |", kept * 100.0);
+                            row["kept"] = json!(kept);
+                            continue;
+                        }
+                        let Some(vals) = samples.get(&(v, *m)) else {
+                            line += " – |";
+                            continue;
+                        };
+                        let (med, lo, hi) = median(vals.clone());
+                        let ratio = med / base(m);
+                        if matches!(*m, "dropped_pps" | "tcp_under_flood") {
+                            line += &format!(" {} ({}–{}) |", fmt(m, med), fmt(m, lo), fmt(m, hi));
+                        } else {
+                            line += &format!(
+                                " {} ({}–{}) | {ratio:.2} |",
+                                fmt(m, med),
+                                fmt(m, lo),
+                                fmt(m, hi)
+                            );
+                        }
+                        row[*m] = json!({ "median": med, "min": lo, "max": hi, "ratio_to_baseline": ratio });
+                    }
+                    md += &line;
+                    md += "\n";
+                    rows.push(row);
+                }
+                md += "\n";
             }
-            md += "\n";
         }
     }
-    md += "Setup time (policy installed and enforcing) and agent RSS per variant are in\n\
-           `target/bench/results.json`.\n";
-    publish("peers", &md, json!({ "rows": rows }));
+    // Control plane: one change, and a full rebuild, at 10k rules.
+    let n = if smoke { 100 } else { 10_000 };
+    let changes = if smoke { 5 } else { 50 };
+    let sg = crate::benches::one_member_latency("json", n, changes);
+    let pair = Pair::new(1500);
+    let timed = |ns: &Netns, cmd: &str, args: Vec<String>| -> f64 {
+        let t = Instant::now();
+        let out = ns
+            .cmd(cmd)
+            .args(&args)
+            .output()
+            .expect("control-plane command");
+        assert!(
+            out.status.success(),
+            "{cmd} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        t.elapsed().as_secs_f64() * 1000.0
+    };
+    let nft = {
+        let _i = Installed::new(&pair, Variant::NftSet, n);
+        let mut v: Vec<f64> = (0..changes)
+            .map(|k| {
+                timed(
+                    &pair.server,
+                    "nft",
+                    vec![
+                        "add".into(),
+                        "element".into(),
+                        "inet".into(),
+                        "sgbench".into(),
+                        "allowed".into(),
+                        format!("{{ 198.18.3.{} . 3306 }}", k % 250 + 1),
+                    ],
+                )
+            })
+            .collect();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v
+    };
+    let ipt = {
+        let _i = Installed::new(&pair, Variant::Iptables, n);
+        let mut v: Vec<f64> = (0..changes)
+            .map(|k| {
+                let src = format!("198.18.3.{}/32", k % 250 + 1);
+                timed(
+                    &pair.server,
+                    "iptables-legacy",
+                    [
+                        "-I", "INPUT", "4", "-s", &src, "-p", "tcp", "--dport", "3306", "-j",
+                        "ACCEPT",
+                    ]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                )
+            })
+            .collect();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v
+    };
+    let p = crate::benches::percentile_of;
+    md += &format!(
+        "### Control plane, {n} rules\n\n\
+         | change | p50 ms | p99 ms |\n| --- | ---: | ---: |\n\
+         | sg: one member joins a {n}-member group (state file → address in the map) | {:.1} | {:.1} |\n\
+         | nft: `nft add element` (one set element, process included) | {:.1} | {:.1} |\n\
+         | iptables (legacy): `iptables -I` (one rule, process included) | {:.1} | {:.1} |\n\n\
+         Full {n}-rule rebuild (install to enforcing, medians of the runs above): sg {} ms (agent start, load, \
+         compile, program, attach), nft linear {} ms, nft set {} ms, iptables-legacy-restore {} ms.\n\n",
+        p(&sg, 0.5), p(&sg, 0.99), p(&nft, 0.5), p(&nft, 0.99), p(&ipt, 0.5), p(&ipt, 0.99),
+        setup_text(&setups, n, Variant::SgTc), setup_text(&setups, n, Variant::NftLinear), setup_text(&setups, n, Variant::NftSet), setup_text(&setups, n, Variant::Iptables)
+    );
+    md += "### Memory of sg\n\n| rules | variant | agent RSS MiB | kernel map memory KiB |\n| ---: | --- | ---: | ---: |\n";
+    for (n, v, rss, kib) in &memory {
+        md += &format!("| {n} | {} | {rss:.1} | {kib:.0} |\n", v.label());
+    }
+    publish(
+        "peers",
+        &md,
+        json!({ "rows": rows,
+            "control_plane": { "rules": n, "sg_one_member_ms": { "p50": p(&sg, 0.5), "p99": p(&sg, 0.99) },
+                "nft_add_element_ms": { "p50": p(&nft, 0.5), "p99": p(&nft, 0.99) },
+                "iptables_insert_ms": { "p50": p(&ipt, 0.5), "p99": p(&ipt, 0.99) } },
+            "memory": memory.iter().map(|(n, v, r, k)| json!({ "rules": n, "variant": v.label(), "agent_rss_mib": r, "map_kib": k })).collect::<Vec<_>>() }),
+    );
+}
+
+fn setup_text(
+    setups: &std::collections::BTreeMap<(u32, Variant), f64>,
+    n: u32,
+    v: Variant,
+) -> String {
+    setups
+        .get(&(n, v))
+        .map_or("–".to_string(), |ms| format!("{ms:.0}"))
+}
+
+/// A denied SYN flood from random sources while an allowed TCP stream runs: frames per
+/// second the generator got through, packets per second the filter dropped (its own
+/// counter), and the stream's throughput during the flood.
+fn flood(
+    pair: &Pair,
+    installed: &Installed,
+    gen: &mut Generator,
+    secs: f64,
+) -> (f64, Option<f64>, f64) {
+    let stream = pair
+        .client
+        .cmd("iperf3")
+        .args([
+            "-c",
+            SERVER,
+            "-p",
+            "5201",
+            "-J",
+            "-t",
+            &format!("{}", secs.ceil() as u32 + 1),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("iperf3 -c");
+    std::thread::sleep(Duration::from_millis(300));
+    let before = installed.dropped();
+    let t = Instant::now();
+    let sent = gen.send(pair, &syn_flood_template(), secs);
+    let elapsed = t.elapsed().as_secs_f64();
+    let after = installed.dropped();
+    let out = stream.wait_with_output().expect("iperf3 -c");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    let gbps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e9;
+    let dropped = match (before, after) {
+        (Some(b), Some(a)) => Some((a.saturating_sub(b)) as f64 / elapsed),
+        _ => None,
+    };
+    (sent as f64 / elapsed, dropped, gbps)
 }
 
 fn fmt(metric: &str, v: f64) -> String {
-    if metric == "conn_s" {
-        format!("{v:.0}")
-    } else {
-        format!("{v:.1}")
+    match metric {
+        "conn_s" | "flood_pps" | "dropped_pps" | "udp64_pps" => format!("{v:.0}"),
+        _ => format!("{v:.1}"),
     }
 }
