@@ -106,6 +106,21 @@ pub struct Agent {
     names: BTreeMap<u32, String>,
     status: Arc<Mutex<String>>,
     last_gc: Instant,
+    /// Identity of the state file content last read: (device, inode, length, mtime).
+    seen: Option<(u64, u64, u64, i64, i64)>,
+}
+
+/// What identifies the applied content: its bytes (hashed once the maps are programmed,
+/// off the path from change to enforcement) or an already known SHA-256.
+enum Content {
+    Bytes(Vec<u8>),
+    Sha(String),
+}
+
+fn stamp(path: &Path) -> Option<(u64, u64, u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
 }
 
 impl Agent {
@@ -140,8 +155,10 @@ impl Agent {
             names: BTreeMap::new(),
             status: Arc::new(Mutex::new(String::new())),
             last_gc: Instant::now(),
+            seen: None,
         };
-        agent.apply(loaded)?;
+        agent.seen = stamp(&agent.opts.state);
+        agent.apply(loaded.state, Content::Sha(loaded.sha256))?;
         Ok(agent)
     }
 
@@ -174,6 +191,11 @@ impl Agent {
     /// Reads the state file; applies it when it changed and is valid, else keeps
     /// enforcing the last valid state and reports the error.
     fn reload(&mut self, force: bool) {
+        let now = stamp(&self.opts.state);
+        if !force && now.is_some() && now == self.seen {
+            return;
+        }
+        self.seen = now;
         let text = match std::fs::read(&self.opts.state) {
             Ok(t) => t,
             Err(e) => {
@@ -181,16 +203,11 @@ impl Agent {
                 return;
             }
         };
-        let sha = source::sha256_hex(&text);
-        if !force
-            && self.state.as_ref().is_some_and(|s| s.sha256 == sha)
-            && self.last_error.is_none()
-        {
-            return;
-        }
-        match source::parse_bytes(&self.opts.state, text, sha) {
-            Ok(loaded) => {
-                if let Err(e) = self.apply(loaded) {
+        let parsing = Instant::now();
+        match source::parse_text(&self.opts.state, &text) {
+            Ok(state) => {
+                log::debug!("parsed {} bytes in {:.1?}", text.len(), parsing.elapsed());
+                if let Err(e) = self.apply(state, Content::Bytes(text)) {
                     self.fail(format!("applying state: {e}"));
                 }
             }
@@ -212,7 +229,7 @@ impl Agent {
             if host != self.host {
                 if let Some(loaded) = self.state.clone() {
                     log::info!("interfaces changed; reconciling");
-                    if let Err(e) = self.apply(loaded) {
+                    if let Err(e) = self.apply(loaded.state, Content::Sha(loaded.sha256)) {
                         self.fail(format!("reconciling after an interface change: {e}"));
                     }
                 }
@@ -230,11 +247,11 @@ impl Agent {
         }
     }
 
-    /// Compiles `loaded` for the current interfaces and applies the ordered difference.
-    fn apply(&mut self, loaded: LoadedState) -> Result<(), AgentError> {
+    /// Compiles `state` for the current interfaces and applies the ordered difference.
+    fn apply(&mut self, state: State, content: Content) -> Result<(), AgentError> {
         let started = Instant::now();
         let host = system::interfaces().map_err(io("listing interfaces"))?;
-        let bound = bind(&loaded.state, &host, &self.opts.attach);
+        let bound = bind(&state, &host, &self.opts.attach);
         let locals: Vec<LocalInterface> = bound
             .iter()
             .map(|(h, eni)| LocalInterface {
@@ -245,7 +262,9 @@ impl Agent {
         let options = Options {
             default_deny: self.opts.default_deny,
         };
-        let new = compile(&loaded.state, &locals, &options, Some(&self.plan));
+        let compiled = Instant::now();
+        let new = compile(&state, &locals, &options, Some(&self.plan));
+        let compile_time = compiled.elapsed();
         let ops = diff(&self.plan, &new);
         let links = self.opts.pin_dir.join("links");
         // Interfaces leaving enforcement lose their programs before their maps.
@@ -284,10 +303,14 @@ impl Agent {
         } else {
             0
         };
+        let programmed = started.elapsed();
+        let sha256 = match content {
+            Content::Bytes(bytes) => source::sha256_hex(&bytes),
+            Content::Sha(sha) => sha,
+        };
         log::info!(
-            "applied state {} in {:.1?}: {} map operations, {} enforced interfaces{}",
-            &loaded.sha256[..12],
-            started.elapsed(),
+            "applied state {} in {programmed:.1?} (compile {compile_time:.1?}): {} map operations, {} enforced interfaces{}",
+            &sha256[..12],
             ops.len(),
             self.plan.interfaces.len(),
             if revalidated > 0 {
@@ -296,7 +319,7 @@ impl Agent {
                 String::new()
             }
         );
-        self.state = Some(loaded);
+        self.state = Some(LoadedState { state, sha256 });
         self.last_error = None;
         self.write_status();
         release_free_memory();
@@ -565,8 +588,29 @@ fn spawn_watcher(state: &Path, tx: mpsc::Sender<Event>) {
             }
         }
     }
+    // The state file's name, and for a symlink every name on the way to the target.
+    let mut names: Vec<std::ffi::OsString> = state
+        .file_name()
+        .map(|n| n.to_os_string())
+        .into_iter()
+        .collect();
+    let mut link = state.to_path_buf();
+    for _ in 0..8 {
+        let Ok(target) = std::fs::read_link(&link) else {
+            break;
+        };
+        let target = if target.is_absolute() {
+            target
+        } else {
+            link.parent().unwrap_or(Path::new(".")).join(target)
+        };
+        names.extend(target.components().map(|c| c.as_os_str().to_os_string()));
+        link = target;
+    }
     std::thread::spawn(move || {
-        if let Err(e) = crate::inotify::watch(&dirs, || tx.send(Event::StateChanged).is_ok()) {
+        if let Err(e) =
+            crate::inotify::watch(&dirs, &names, || tx.send(Event::StateChanged).is_ok())
+        {
             log::warn!("inotify unavailable ({e}); polling the state file every tick");
         }
     });

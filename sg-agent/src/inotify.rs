@@ -4,8 +4,14 @@
 use std::{ffi::CString, io, os::unix::ffi::OsStrExt, path::PathBuf};
 
 /// Calls `on_change` once the watches are in place (so a change made before then is not
-/// missed), then after every batch of events in `dirs`, until it returns false.
-pub fn watch(dirs: &[PathBuf], mut on_change: impl FnMut() -> bool) -> io::Result<()> {
+/// missed), then after every batch of events in `dirs` that concern one of `names` (or
+/// the directories themselves), until it returns false. Events about other files (an
+/// editor's temporary file, say) wake nobody.
+pub fn watch(
+    dirs: &[PathBuf],
+    names: &[std::ffi::OsString],
+    mut on_change: impl FnMut() -> bool,
+) -> io::Result<()> {
     // SAFETY: plain syscalls on a descriptor we own; the buffer is ours and sized.
     unsafe {
         let fd = libc::inotify_init1(libc::IN_CLOEXEC);
@@ -42,10 +48,32 @@ pub fn watch(dirs: &[PathBuf], mut on_change: impl FnMut() -> bool) -> io::Resul
                 libc::close(fd);
                 return Err(e);
             }
-            if !on_change() {
+            if relevant(&buf[..n as usize], names) && !on_change() {
                 libc::close(fd);
                 return Ok(());
             }
         }
     }
+}
+
+/// Whether a batch of inotify events names one of `names`, or is about a watched
+/// directory itself (moved or deleted).
+fn relevant(buf: &[u8], names: &[std::ffi::OsString]) -> bool {
+    const HEADER: usize = std::mem::size_of::<libc::inotify_event>();
+    let mut at = 0;
+    while at + HEADER <= buf.len() {
+        // SAFETY: the kernel writes whole events; the header is read unaligned from bounds
+        // checked bytes.
+        let ev: libc::inotify_event =
+            unsafe { std::ptr::read_unaligned(buf[at..].as_ptr().cast()) };
+        let name_bytes = &buf[at + HEADER..(at + HEADER + ev.len as usize).min(buf.len())];
+        let name = name_bytes.split(|b| *b == 0).next().unwrap_or(&[]);
+        if ev.mask & (libc::IN_MOVE_SELF | libc::IN_DELETE_SELF | libc::IN_Q_OVERFLOW) != 0
+            || names.iter().any(|n| n.as_bytes() == name)
+        {
+            return true;
+        }
+        at += HEADER + ev.len as usize;
+    }
+    false
 }

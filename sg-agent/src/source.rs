@@ -84,15 +84,20 @@ pub fn load_file(path: &Path) -> Result<LoadedState, StateError> {
 
 /// Parses and validates the content of `path` already read (with its SHA-256).
 pub fn parse_bytes(path: &Path, bytes: Vec<u8>, sha256: String) -> Result<LoadedState, StateError> {
-    let text = String::from_utf8(bytes).map_err(|_| StateError {
+    let state = parse_text(path, &bytes)?;
+    Ok(LoadedState { state, sha256 })
+}
+
+/// Parses and validates the content of `path` already read.
+pub fn parse_text(path: &Path, bytes: &[u8]) -> Result<State, StateError> {
+    let text = std::str::from_utf8(bytes).map_err(|_| StateError {
         file: path.to_path_buf(),
         problems: vec![Problem::new("file", "-", "is not UTF-8 text")],
     })?;
-    let state = parse_str(&text).map_err(|problems| StateError {
+    parse_str(text).map_err(|problems| StateError {
         file: path.to_path_buf(),
         problems,
-    })?;
-    Ok(LoadedState { state, sha256 })
+    })
 }
 
 /// Parses and validates state text in either format.

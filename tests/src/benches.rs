@@ -110,7 +110,12 @@ impl PinnedAgent {
     fn last_apply_ms(&self) -> Option<f64> {
         let log = self.log();
         let line = log.lines().rev().find(|l| l.contains("applied state"))?;
-        let t = line.split(" in ").nth(1)?.split(':').next()?.trim();
+        let t = line
+            .split(" in ")
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .trim_end_matches(':');
         let (num, unit) = t.split_at(t.find(|c: char| c.is_alphabetic() || c == 'µ')?);
         let v: f64 = num.parse().ok()?;
         Some(match unit {
@@ -159,8 +164,14 @@ impl Drop for PinnedAgent {
 /// Control plane: state file change → maps updated, p50/p99 over single-member changes in
 /// a 10,000-member group (both formats); full apply time and RSS at 10k rules and 100k
 /// members.
-pub fn bench_agent(smoke: bool, publish: &mut Publish) {
-    let (members, changes) = if smoke { (1000, 10) } else { (10_000, 100) };
+pub fn bench_agent(smoke: bool, quick: bool, publish: &mut Publish) {
+    let (members, changes) = if smoke {
+        (1000, 10)
+    } else if quick {
+        (10_000, 30)
+    } else {
+        (10_000, 100)
+    };
     let mut md = String::from("## Agent (`cargo xtask bench agent`)\n\n");
     let mut results = json!({});
     for format in ["toml", "json"] {

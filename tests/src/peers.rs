@@ -598,11 +598,11 @@ pub fn bench_peers(smoke: bool, quick: bool, publish: &mut Publish) {
     let (scales, reps, secs, mtus): (&[u32], usize, u32, &[u32]) = if smoke {
         (&[10], 1, 1, &[1500])
     } else if quick {
-        (&[10, 10_000], 3, 2, &[1500, 9000])
+        (&[10, 10_000], 3, 1, &[1500, 9000])
     } else {
         (&[10, 1000, 10_000, 100_000], 3, 3, &[1500, 9000])
     };
-    let flood_secs = if smoke { 1.0 } else { 2.0 };
+    let flood_secs = if smoke || quick { 1.0 } else { 2.0 };
     let mut gen = Generator::new();
     let mut rows: Vec<Value> = vec![];
     let mut memory: Vec<(u32, Variant, f64, f64)> = vec![];
@@ -620,6 +620,9 @@ pub fn bench_peers(smoke: bool, quick: bool, publish: &mut Publish) {
     for &mtu in mtus {
         let pair = Pair::new(mtu);
         for &n in scales {
+            if mtu != 1500 && quick && n != scales[0] {
+                continue; // --quick: jumbo frames at the smallest rule count only
+            }
             let active: Vec<Variant> = variants.iter().copied().filter(|v| v.scales(n)).collect();
             let mut samples: std::collections::BTreeMap<(Variant, &str), Vec<f64>> =
                 Default::default();
@@ -728,7 +731,13 @@ pub fn bench_peers(smoke: bool, quick: bool, publish: &mut Publish) {
     }
     // Control plane: one change, and a full rebuild, at 10k rules.
     let n = if smoke { 100 } else { 10_000 };
-    let changes = if smoke { 5 } else { 50 };
+    let changes = if smoke {
+        5
+    } else if quick {
+        20
+    } else {
+        50
+    };
     let sg = crate::benches::one_member_latency("json", n, changes);
     let pair = Pair::new(1500);
     let timed = |ns: &Netns, cmd: &str, args: Vec<String>| -> f64 {

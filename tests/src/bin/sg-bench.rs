@@ -279,7 +279,7 @@ fn member(i: u32, v6: bool) -> String {
 fn bench_datapath(mode: Mode) {
     let (scales, repeat, calls, reps): (&[u32], u32, u32, usize) = match mode {
         Mode::Smoke => (&[10, 1000], 2000, 200, 1),
-        Mode::Quick => (&[10, 1000, 10_000, 100_000], 100_000, 2000, 3),
+        Mode::Quick => (&[10, 1000, 10_000, 100_000], 50_000, 1000, 3),
         Mode::Full => (&[10, 1000, 10_000, 100_000], 500_000, 5000, 5),
     };
     let me4 = "198.18.255.254";
@@ -497,7 +497,11 @@ fn bench_datapath(mode: Mode) {
 // ---------------------------------------------------------------- agent
 
 fn bench_agent(mode: Mode) {
-    sg_tests::benches::bench_agent(mode == Mode::Smoke, &mut |name, md, v| publish(name, md, v));
+    sg_tests::benches::bench_agent(
+        mode == Mode::Smoke,
+        mode == Mode::Quick,
+        &mut |name, md, v| publish(name, md, v),
+    );
 }
 
 #[allow(dead_code)]
