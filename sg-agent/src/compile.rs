@@ -552,25 +552,33 @@ fn untracked_flags(rule: &Rule, cidr: &Cidr, opposite: &AllowsAll) -> u32 {
 }
 
 /// Gives every prefix the union of its own grants and those of every prefix containing
-/// it, so that the longest match alone is the answer.
+/// it, so that the longest match alone is the answer. Host prefixes (group members, the
+/// bulk of a large state) contain nothing, so only the others are kept as parents.
 fn flatten(entries: HashMap<Cidr, BTreeSet<RuleGrant>>) -> Vec<(Cidr, BTreeSet<RuleGrant>)> {
-    let lengths: BTreeSet<u8> = entries.keys().map(|c| c.len()).collect();
-    let mut order: Vec<Cidr> = entries.keys().copied().collect();
-    order.sort_by_key(|c| c.len());
-    let mut done: HashMap<Cidr, BTreeSet<RuleGrant>> = HashMap::with_capacity(order.len());
-    for cidr in order {
-        let mut grants = entries[&cidr].clone();
+    let lengths: BTreeSet<u8> = entries
+        .keys()
+        .filter(|c| !c.is_host())
+        .map(|c| c.len())
+        .collect();
+    let mut order: Vec<(Cidr, BTreeSet<RuleGrant>)> = entries.into_iter().collect();
+    order.sort_by_key(|(c, _)| c.len());
+    let mut parents: HashMap<Cidr, BTreeSet<RuleGrant>> = HashMap::new();
+    let mut out = Vec::with_capacity(order.len());
+    for (cidr, mut grants) in order {
         // The nearest present ancestor already holds the union of all of its own.
         if let Some(parent) = lengths
             .range(..cidr.len())
             .rev()
-            .find_map(|len| done.get(&cidr.parent(*len)))
+            .find_map(|len| parents.get(&cidr.parent(*len)))
         {
             grants.extend(parent.iter().copied());
         }
-        done.insert(cidr, grants);
+        if !cidr.is_host() {
+            parents.insert(cidr, grants.clone());
+        }
+        out.push((cidr, grants));
     }
-    done.into_iter().collect()
+    out
 }
 
 /// The port-stage prefixes of one rule.
@@ -708,12 +716,42 @@ pub fn diff(old: &Plan, new: &Plan) -> Vec<MapOp> {
             }
         }
     }
-    let mut puts: Vec<(&PrefixKey, u32)> = new
-        .prefixes
-        .iter()
-        .filter(|(k, v)| old.prefixes.get(k) != Some(v))
-        .map(|(k, v)| (k, *v))
-        .collect();
+    // Both maps are sorted by key: one merge pass finds what to put and what to delete.
+    let (mut puts, mut stale): (Vec<(&PrefixKey, u32)>, Vec<PrefixKey>) = (vec![], vec![]);
+    let (mut a, mut b) = (
+        old.prefixes.iter().peekable(),
+        new.prefixes.iter().peekable(),
+    );
+    loop {
+        match (a.peek(), b.peek()) {
+            (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
+                std::cmp::Ordering::Less => {
+                    stale.push(**ka);
+                    a.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    puts.push((kb, **vb));
+                    b.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if va != vb {
+                        puts.push((kb, **vb));
+                    }
+                    a.next();
+                    b.next();
+                }
+            },
+            (Some((ka, _)), None) => {
+                stale.push(**ka);
+                a.next();
+            }
+            (None, Some((kb, vb))) => {
+                puts.push((kb, **vb));
+                b.next();
+            }
+            (None, None) => break,
+        }
+    }
     puts.sort_by_key(|(k, _)| {
         std::cmp::Reverse(k.cidr.len() as u32 + if k.cidr.family() == Family::V4 { 96 } else { 0 })
     });
@@ -735,11 +773,7 @@ pub fn diff(old: &Plan, new: &Plan) -> Vec<MapOp> {
             ops.push(MapOp::DeleteInterface { ifindex: *ifindex });
         }
     }
-    for key in old.prefixes.keys() {
-        if !new.prefixes.contains_key(key) {
-            ops.push(MapOp::DeletePrefix { key: *key });
-        }
-    }
+    ops.extend(stale.into_iter().map(|key| MapOp::DeletePrefix { key }));
     for (id, ruleset) in &old.rulesets {
         let new_ports = new.rulesets.get(id).map(|r| &r.ports);
         for prefix in ruleset.ports.keys() {

@@ -406,27 +406,32 @@ impl State {
         }
         let mut macs = BTreeMap::new();
         for n in &self.network_interfaces {
-            let object = interface_object(&n.id);
+            // Object names are built only for problems: a state has 100k interfaces.
+            let object = || interface_object(&n.id);
             for (i, g) in n.groups.iter().enumerate() {
                 if !groups.contains(g.as_str()) {
                     problems.push(Problem::new(
-                        &object,
+                        object(),
                         format!("groups[{i}]"),
                         format!("unknown security group {g:?}"),
                     ));
                 }
             }
-            let distinct: BTreeSet<&String> = n.groups.iter().collect();
-            if distinct.len() != n.groups.len() {
+            let twice = n
+                .groups
+                .iter()
+                .enumerate()
+                .any(|(i, g)| n.groups[..i].contains(g));
+            if twice {
                 problems.push(Problem::new(
-                    &object,
+                    object(),
                     "groups",
                     "lists a security group twice",
                 ));
             }
             if n.groups.len() > MAX_GROUPS_PER_INTERFACE {
                 problems.push(Problem::new(
-                    &object,
+                    object(),
                     "groups",
                     format!(
                         "{} security groups attached; at most {MAX_GROUPS_PER_INTERFACE} are supported",
@@ -435,15 +440,17 @@ impl State {
                 ));
             }
             if let Some(mac) = &n.mac {
-                if let Some(other) = macs.insert(mac.clone(), n.id.clone()) {
+                if let Some(other) = macs.insert(mac.as_str(), n.id.as_str()) {
                     problems.push(Problem::new(
-                        &object,
+                        object(),
                         "mac",
                         format!("MAC address {mac} is also used by network interface {other}"),
                     ));
                 }
             }
-            check_timeouts(&n.timeouts, &object, "timeouts", &mut problems);
+            if !n.timeouts.is_empty() {
+                check_timeouts(&n.timeouts, &object(), "timeouts", &mut problems);
+            }
         }
         problems
     }

@@ -103,7 +103,7 @@ pub fn parse_text(path: &Path, bytes: &[u8]) -> Result<State, StateError> {
 /// Parses and validates state text in either format.
 pub fn parse_str(text: &str) -> Result<State, Vec<Problem>> {
     let (state, lines) = if text.trim_start().starts_with('{') {
-        (aws::parse(text)?, BTreeMap::new())
+        (aws::parse(text)?, ObjectLines::default())
     } else {
         native::parse(text)?
     };
@@ -113,7 +113,7 @@ pub fn parse_str(text: &str) -> Result<State, Vec<Problem>> {
         return Ok(state);
     }
     for p in &mut problems {
-        p.line = p.line.or_else(|| lines.get(&p.object).copied());
+        p.line = p.line.or_else(|| lines.get(&state, &p.object));
     }
     Err(problems)
 }
@@ -141,6 +141,25 @@ fn resolve_peer_kinds(mut state: State) -> State {
         }
     }
     state
+}
+
+/// Lines where objects start: by name for groups and prefix lists, by position for the
+/// (many) interfaces, whose names are only built when a problem needs them.
+#[derive(Default)]
+struct ObjectLines {
+    named: BTreeMap<String, usize>,
+    interfaces: Vec<usize>,
+}
+
+impl ObjectLines {
+    fn get(&self, state: &State, object: &str) -> Option<usize> {
+        if let Some(l) = self.named.get(object) {
+            return Some(*l);
+        }
+        let id = object.strip_prefix("network interface ")?;
+        let at = state.network_interfaces.iter().position(|n| n.id == id)?;
+        self.interfaces.get(at).copied()
+    }
 }
 
 /// Line numbers of byte offsets, found by binary search over the line starts (a state
@@ -288,7 +307,7 @@ mod native {
         timeouts: BTreeMap<String, u32>,
     }
 
-    pub fn parse(text: &str) -> Result<(State, BTreeMap<String, usize>), Vec<Problem>> {
+    pub fn parse(text: &str) -> Result<(State, super::ObjectLines), Vec<Problem>> {
         let file: File = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| super::Lines::new(text).line(s.start));
             let mut p = Problem::new("file", "syntax", e.message().trim().to_string());
@@ -296,7 +315,7 @@ mod native {
             vec![p]
         })?;
         let mut problems = Vec::new();
-        let mut lines = BTreeMap::new();
+        let mut lines = super::ObjectLines::default();
         let index = super::Lines::new(text);
         let mut state = State {
             settings: Settings {
@@ -308,7 +327,7 @@ mod native {
             let id = g.id.get_ref().clone();
             let object = group_object(&id);
             let line = index.line(g.id.span().start);
-            lines.insert(object.clone(), line);
+            lines.named.insert(object.clone(), line);
             let _ = g.description;
             let mut rules = |raw: Vec<RawRule>, dir: Direction| -> Vec<Rule> {
                 raw.into_iter()
@@ -340,7 +359,7 @@ mod native {
             let id = p.id.get_ref().clone();
             let object = prefix_list_object(&id);
             let line = index.line(p.id.span().start);
-            lines.insert(object.clone(), line);
+            lines.named.insert(object.clone(), line);
             let mut err = |field: String, msg: String| {
                 let mut pr = Problem::new(&object, field, msg);
                 pr.line = Some(line);
@@ -370,11 +389,10 @@ mod native {
         }
         for n in file.interfaces {
             let id = n.id.get_ref().clone();
-            let object = interface_object(&id);
             let line = index.line(n.id.span().start);
-            lines.insert(object.clone(), line);
+            lines.interfaces.push(line);
             let mut err = |field: String, msg: String| {
-                let mut pr = Problem::new(&object, field, msg);
+                let mut pr = Problem::new(interface_object(&id), field, msg);
                 pr.line = Some(line);
                 problems.push(pr);
             };
@@ -416,7 +434,7 @@ mod native {
         } else {
             // Report structural problems together with what validation finds.
             problems.extend(state.validate().into_iter().map(|mut p| {
-                p.line = lines.get(&p.object).copied();
+                p.line = lines.get(&state, &p.object);
                 p
             }));
             problems.sort();
@@ -731,30 +749,31 @@ mod aws {
             });
         }
         for n in file.network_interfaces {
-            let object = interface_object(&n.network_interface_id);
+            // Names are built only for problems: a state has 100k interfaces.
+            let object = || interface_object(&n.network_interface_id);
             let mac = n.mac_address.as_deref().and_then(|m| {
                 normalize_mac(m)
-                    .map_err(|e| problems.push(Problem::new(&object, "MacAddress", e)))
+                    .map_err(|e| problems.push(Problem::new(object(), "MacAddress", e)))
                     .ok()
             });
             let mut ipv4 = Vec::new();
-            let primary = n
-                .private_ip_address
+            // Index 0 is the primary address field, i + 1 the i-th listed address.
+            let primary = n.private_ip_address.iter().map(|a| (a.as_str(), None));
+            let listed = n
+                .private_ip_addresses
                 .iter()
-                .map(|a| (a.as_str(), "PrivateIpAddress".to_string()));
-            let listed = n.private_ip_addresses.iter().enumerate().map(|(i, a)| {
-                (
-                    a.private_ip_address.as_str(),
-                    format!("PrivateIpAddresses[{i}].PrivateIpAddress"),
-                )
-            });
-            for (a, field) in primary.chain(listed) {
+                .enumerate()
+                .map(|(i, a)| (a.private_ip_address.as_str(), Some(i)));
+            for (a, at) in primary.chain(listed) {
                 match a.parse::<Ipv4Addr>() {
                     Ok(a) if !ipv4.contains(&a) => ipv4.push(a),
                     Ok(_) => {}
                     Err(_) => problems.push(Problem::new(
-                        &object,
-                        field,
+                        object(),
+                        match at {
+                            None => "PrivateIpAddress".to_string(),
+                            Some(i) => format!("PrivateIpAddresses[{i}].PrivateIpAddress"),
+                        },
                         format!("{a:?} is not an IPv4 address"),
                     )),
                 }
@@ -764,7 +783,7 @@ mod aws {
                 match a.ipv6_address.parse::<Ipv6Addr>() {
                     Ok(a) => ipv6.push(a),
                     Err(_) => problems.push(Problem::new(
-                        &object,
+                        object(),
                         format!("Ipv6Addresses[{i}].Ipv6Address"),
                         format!("{:?} is not an IPv6 address", a.ipv6_address),
                     )),

@@ -282,13 +282,20 @@ fn run_status_flows_hot_plug_sighup_api_and_detach() {
     // ... and one that vanishes is forgotten: no interface entry, no link pins.
     let eth9 = db.ns.ifindex("eth9");
     db.ns.ip(&["link", "del", "eth9"]);
-    wait_for("the vanished interface to be forgotten", Duration::from_secs(10), || {
-        let st = db.status()?;
-        (st["interfaces"].as_array()?.len() == 1).then_some(())
-    });
+    wait_for(
+        "the vanished interface to be forgotten",
+        Duration::from_secs(10),
+        || {
+            let st = db.status()?;
+            (st["interfaces"].as_array()?.len() == 1).then_some(())
+        },
+    );
     let pins = db.cmd("ls").arg("/sys/fs/bpf/sg/links").output().unwrap();
     let pins = String::from_utf8_lossy(&pins.stdout).to_string();
-    assert!(!pins.contains(&format!("{eth9}-")), "link pins of the vanished interface removed: {pins}");
+    assert!(
+        !pins.contains(&format!("{eth9}-")),
+        "link pins of the vanished interface removed: {pins}"
+    );
 
     // SIGHUP re-reads the state.
     // SAFETY: kill(2) on our own child.

@@ -1376,7 +1376,11 @@ fn membership_change_admits_new_connections_and_keeps_established_ones() {
 
 /// Reads every flow event waiting in the ring buffer.
 fn drain_events(bpf: &mut Bpf) -> Vec<sg_common::FlowEvent> {
-    let map = bpf.dp.ebpf().map_mut(sg_common::MAP_EVENTS).expect("SG_EVENTS");
+    let map = bpf
+        .dp
+        .ebpf()
+        .map_mut(sg_common::MAP_EVENTS)
+        .expect("SG_EVENTS");
     let mut ring = aya::maps::RingBuf::try_from(map).expect("ring buffer");
     let mut out = vec![];
     while let Some(item) = ring.next() {
@@ -1388,8 +1392,13 @@ fn drain_events(bpf: &mut Bpf) -> Vec<sg_common::FlowEvent> {
 }
 
 fn rule_hits(bpf: &mut Bpf, rule_id: u32) -> u64 {
-    let map = bpf.dp.ebpf().map_mut(sg_common::MAP_RULE_HITS).expect("SG_RULE_HITS");
-    let hits: aya::maps::PerCpuArray<_, u64> = aya::maps::PerCpuArray::try_from(map).expect("per-cpu array");
+    let map = bpf
+        .dp
+        .ebpf()
+        .map_mut(sg_common::MAP_RULE_HITS)
+        .expect("SG_RULE_HITS");
+    let hits: aya::maps::PerCpuArray<_, u64> =
+        aya::maps::PerCpuArray::try_from(map).expect("per-cpu array");
     hits.get(&rule_id, 0).map(|v| v.iter().sum()).unwrap_or(0)
 }
 
@@ -1401,7 +1410,10 @@ fn rule_hits_and_flow_events() {
     let mut bpf = main_bpf();
     let _ = drain_events(&mut bpf);
     let remote: std::net::IpAddr = "198.18.10.5".parse().unwrap();
-    let grant = match bpf.plan.lookup(LO, sg_agent::model::Direction::Ingress, remote, 6, 22) {
+    let grant = match bpf
+        .plan
+        .lookup(LO, sg_agent::model::Direction::Ingress, remote, 6, 22)
+    {
         sg_agent::compile::PlanVerdict::Allow(g) => g,
         other => panic!("the plan must allow tcp 22 from {remote}: {other:?}"),
     };
@@ -1411,19 +1423,44 @@ fn rule_hits_and_flow_events() {
         // A tracked packet of the same flow is not a new admission.
         assert!(bpf.run(hook, &tcp("198.18.10.5", ME4, port, 22, TH_ACK).build()));
     }
-    assert_eq!(rule_hits(&mut bpf, grant.rule_id), 2, "one hit per admitted flow");
+    assert_eq!(
+        rule_hits(&mut bpf, grant.rule_id),
+        2,
+        "one hit per admitted flow"
+    );
     let events = drain_events(&mut bpf);
-    let admitted: Vec<_> = events.iter().filter(|e| e.kind == sg_common::EVENT_ADMITTED).collect();
+    let admitted: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == sg_common::EVENT_ADMITTED)
+        .collect();
     assert_eq!(admitted.len(), 2, "{events:?}");
     let e = admitted[0];
-    assert_eq!((e.rule_id, e.direction, e.protocol, e.family), (grant.rule_id, DIR_INGRESS, 6, sg_common::FAMILY_V4));
-    assert_eq!((u16::from_be_bytes(e.local_port), u16::from_be_bytes(e.remote_port)), (22, 40000));
+    assert_eq!(
+        (e.rule_id, e.direction, e.protocol, e.family),
+        (grant.rule_id, DIR_INGRESS, 6, sg_common::FAMILY_V4)
+    );
+    assert_eq!(
+        (
+            u16::from_be_bytes(e.local_port),
+            u16::from_be_bytes(e.remote_port)
+        ),
+        (22, 40000)
+    );
     assert_eq!(&e.remote[..4], &[198, 18, 10, 5]);
     assert_eq!(e.ifindex, LO);
     // Denied packets produce rate-limited events (100 per second per CPU by default).
     for i in 0..300u16 {
-        assert!(!bpf.run(Hook::Xdp, &tcp("198.18.11.5", ME4, 1000 + i, 22, TH_SYN).build()));
+        assert!(!bpf.run(
+            Hook::Xdp,
+            &tcp("198.18.11.5", ME4, 1000 + i, 22, TH_SYN).build()
+        ));
     }
-    let denied = drain_events(&mut bpf).into_iter().filter(|e| e.kind == sg_common::EVENT_DENIED).count();
-    assert!((1..=200).contains(&denied), "denied events are rate-limited: {denied} of 300");
+    let denied = drain_events(&mut bpf)
+        .into_iter()
+        .filter(|e| e.kind == sg_common::EVENT_DENIED)
+        .count();
+    assert!(
+        (1..=200).contains(&denied),
+        "denied events are rate-limited: {denied} of 300"
+    );
 }
