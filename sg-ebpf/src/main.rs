@@ -101,24 +101,80 @@ mod programs {
         tc(&ctx, DIR_EGRESS)
     }
 
-    /// Headers of a TC packet may sit partly outside the linear buffer; pull enough in
-    /// for the parser, only when they do (pulling costs a copy on cloned skbs).
+    /// Headers of a TC packet may sit partly outside the linear buffer; pull them in only
+    /// when they do. Pulling on every packet would cost a copy of the head of every cloned
+    /// skb (TCP transmits clones): a GSO packet's linear part usually holds exactly the
+    /// headers, which is all the parser needs.
     #[inline(always)]
     fn tc(ctx: &TcContext, dir: u8) -> i32 {
-        const HEADROOM: u32 = 128;
+        let len = ctx.len();
         let linear = (ctx.data_end() - ctx.data()) as u32;
-        let want = if ctx.len() < HEADROOM {
-            ctx.len()
-        } else {
-            HEADROOM
-        };
-        if linear < want && linear < ctx.len() {
-            let _ = ctx.pull_data(want);
+        if linear < len {
+            let need = headers_len(&Tc(ctx)).min(len);
+            if linear < need {
+                let _ = ctx.pull_data(need);
+            }
         }
         if process(&Tc(ctx), dir) {
             TC_ACT_OK
         } else {
             TC_ACT_SHOT
+        }
+    }
+
+    /// Bytes from the start of the frame that parsing needs: Ethernet and VLAN tags, the
+    /// IP header (IPv4 by its IHL; IPv6 with room for extension headers) and the L4 header
+    /// (room for an ICMP error's quoted packet). Generous when unsure; read from the linear
+    /// part, so a frame whose very first headers are not linear gets a full pull.
+    #[inline(always)]
+    fn headers_len(f: &impl Frame) -> u32 {
+        const FALLBACK: u32 = 256;
+        let Ok(p) = parse::ptr_at::<[u8; 2]>(f, 12) else {
+            return FALLBACK;
+        };
+        // SAFETY: bounds checked by ptr_at.
+        let mut proto = u16::from_be_bytes(unsafe { *p });
+        let mut off = 14u32;
+        let mut tags = 0;
+        while (proto == 0x8100 || proto == 0x88a8) && tags < 2 {
+            let Ok(p) = parse::ptr_at::<[u8; 2]>(f, off as usize + 2) else {
+                return FALLBACK;
+            };
+            // SAFETY: bounds checked by ptr_at.
+            proto = u16::from_be_bytes(unsafe { *p });
+            off += 4;
+            tags += 1;
+        }
+        match proto {
+            0x0800 => {
+                let Ok(p) = parse::ptr_at::<[u8; 20]>(f, off as usize) else {
+                    return FALLBACK;
+                };
+                // SAFETY: bounds checked by ptr_at.
+                let h = unsafe { *p };
+                let ihl = ((h[0] & 0x0f) as u32) * 4;
+                let l4 = match h[9] {
+                    PROTO_ICMP => 8 + 60 + 8,
+                    _ => 20,
+                };
+                off + ihl + l4
+            }
+            0x86dd => {
+                let Ok(p) = parse::ptr_at::<[u8; 8]>(f, off as usize) else {
+                    return FALLBACK;
+                };
+                // SAFETY: bounds checked by ptr_at.
+                let next = unsafe { *p }[6];
+                let l4 = match next {
+                    PROTO_TCP => 20,
+                    PROTO_UDP => 8,
+                    PROTO_ICMPV6 => 8 + 40 + 8,
+                    // Extension headers: room for a few.
+                    _ => 128,
+                };
+                off + 40 + l4
+            }
+            _ => off,
         }
     }
 
