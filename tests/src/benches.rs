@@ -108,23 +108,7 @@ impl PinnedAgent {
 
     /// The agent's own figure for its last apply ("applied state … in X ms").
     fn last_apply_ms(&self) -> Option<f64> {
-        let log = self.log();
-        let line = log.lines().rev().find(|l| l.contains("applied state"))?;
-        let t = line
-            .split(" in ")
-            .nth(1)?
-            .split_whitespace()
-            .next()?
-            .trim_end_matches(':');
-        let (num, unit) = t.split_at(t.find(|c: char| c.is_alphabetic() || c == 'µ')?);
-        let v: f64 = num.parse().ok()?;
-        Some(match unit {
-            "s" => v * 1000.0,
-            "ms" => v,
-            "µs" => v / 1000.0,
-            "ns" => v / 1e6,
-            _ => return None,
-        })
+        applied_ms(&self.log())
     }
 
     /// Polls the pinned map every 100 µs (a benchmark needs finer steps than wait_for's).
@@ -250,6 +234,22 @@ pub fn one_member_latency(format: &str, members: u32, changes: u32) -> Vec<f64> 
     }
     samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
     samples
+}
+
+/// The duration of the last "applied state … in <duration>" line of an agent log, in ms.
+pub fn applied_ms(log: &str) -> Option<f64> {
+    let line = log.lines().rev().find(|l| l.contains("applied state"))?;
+    let t = line.split(" in ").nth(1)?.split_whitespace().next()?;
+    let t = t.trim_end_matches(':');
+    let (num, unit) = t.split_at(t.find(|c: char| c.is_alphabetic() || c == 'µ')?);
+    let v: f64 = num.parse().ok()?;
+    Some(match unit {
+        "s" => v * 1000.0,
+        "ms" => v,
+        "µs" => v / 1000.0,
+        "ns" => v / 1e6,
+        _ => return None,
+    })
 }
 
 pub fn percentile_of(sorted: &[f64], p: f64) -> f64 {

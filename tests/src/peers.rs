@@ -292,16 +292,7 @@ impl Installed {
         }
         let setup_ms = started.elapsed().as_secs_f64() * 1000.0;
         let program_ms = agent.as_ref().and_then(|(_, dir, _)| {
-            let log = std::fs::read_to_string(dir.path("agent.log")).ok()?;
-            let line = log.lines().rev().find(|l| l.contains("applied state"))?;
-            let t = line.split(" in ").nth(1)?.split_whitespace().next()?;
-            if let Some(ms) = t.strip_suffix("ms") {
-                ms.parse().ok()
-            } else if let Some(us) = t.strip_suffix("µs") {
-                us.parse::<f64>().ok().map(|v| v / 1000.0)
-            } else {
-                t.strip_suffix('s')?.parse::<f64>().ok().map(|v| v * 1000.0)
-            }
+            crate::benches::applied_ms(&std::fs::read_to_string(dir.path("agent.log")).ok()?)
         });
         Installed {
             agent,
@@ -450,28 +441,39 @@ impl Drop for Installed {
     }
 }
 
-fn iperf(pair: &Pair, streams: u32, secs: u32) -> f64 {
-    let out = pair
-        .client
-        .cmd("iperf3")
-        .args([
-            "-c",
-            SERVER,
-            "-p",
-            "5201",
-            "-J",
-            "-t",
-            &secs.to_string(),
-            "-P",
-            &streams.to_string(),
-        ])
-        .output()
-        .expect("iperf3 -c");
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+/// An iperf3 client of the server, JSON output.
+fn iperf_client(pair: &Pair, streams: u32, secs: u32) -> Command {
+    let mut c = pair.client.cmd("iperf3");
+    c.args([
+        "-c",
+        SERVER,
+        "-p",
+        "5201",
+        "-J",
+        "-t",
+        &secs.to_string(),
+        "-P",
+        &streams.to_string(),
+    ]);
+    c
+}
+
+/// Received throughput from iperf3's JSON report, Gbit/s.
+fn iperf_gbps(json: &[u8]) -> f64 {
+    let v: Value = serde_json::from_slice(json).unwrap_or(Value::Null);
     v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .unwrap_or(0.0)
         / 1e9
+}
+
+fn iperf(pair: &Pair, streams: u32, secs: u32) -> f64 {
+    iperf_gbps(
+        &iperf_client(pair, streams, secs)
+            .output()
+            .expect("iperf3 -c")
+            .stdout,
+    )
 }
 
 /// New connections per second: connect, close, repeat, for `secs` (bounded in time).
@@ -864,18 +866,7 @@ fn flood(
     gen: &mut Generator,
     secs: f64,
 ) -> (f64, Option<f64>, f64) {
-    let stream = pair
-        .client
-        .cmd("iperf3")
-        .args([
-            "-c",
-            SERVER,
-            "-p",
-            "5201",
-            "-J",
-            "-t",
-            &format!("{}", secs.ceil() as u32 + 1),
-        ])
+    let stream = iperf_client(pair, 1, secs.ceil() as u32 + 1)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
