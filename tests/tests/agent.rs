@@ -507,3 +507,55 @@ groups = ["sg-web"]
         "eth1 (db-sg): 3306 from a web-sg member (secondary address)"
     );
 }
+
+#[test]
+fn default_deny_enforces_interfaces_without_groups() {
+    if !require_root("default_deny_enforces_interfaces_without_groups") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let bare = lab.host("bare", "02:5e:00:00:07:01", &["198.18.7.1/16"]);
+    let other = lab.host("oth", "02:5e:00:00:07:02", &["198.18.7.2/16"]);
+    tcp::echo_server(&bare.ns, "[::]:8080");
+    tcp::echo_server(&other.ns, "[::]:8080");
+    wait_for("the lab", Duration::from_secs(10), || {
+        tcp::reaches(&other.ns, "198.18.7.1:8080").then_some(())
+    });
+    let dir = TempDir::new("default-deny");
+    let state = dir.path("state.toml");
+    let sha = write_state(&state, "[[interface]]\nid = \"eni-bare\"\nmac = \"02:5e:00:00:07:01\"\nipv4 = [\"198.18.7.1\"]\ngroups = []\n");
+    // Without --default-deny an interface with no groups is not enforced.
+    let mut agent = bare.start_agent(&state, &[], &dir.path("bare-1.log"));
+    bare.wait_applied(&sha, &mut agent);
+    assert_eq!(
+        bare.status().unwrap()["interfaces"]
+            .as_array()
+            .map(|a| a.len()),
+        Some(0)
+    );
+    assert!(
+        tcp::reaches(&other.ns, "198.18.7.1:8080"),
+        "not enforced: open"
+    );
+    agent.stop();
+    // With it, everything but infrastructure (ARP, ND) is dropped, both ways.
+    let mut agent = bare.start_agent(&state, &["--default-deny"], &dir.path("bare-2.log"));
+    bare.wait_applied(&sha, &mut agent);
+    assert!(
+        !tcp::reaches(&other.ns, "198.18.7.1:8080"),
+        "default deny: inbound dropped"
+    );
+    assert!(
+        !tcp::reaches(&bare.ns, "198.18.7.2:8080"),
+        "default deny: outbound dropped"
+    );
+    assert!(!other.ping("198.18.7.1"), "default deny: ping dropped");
+    let st = bare.status().unwrap();
+    assert!(
+        st["interfaces"][0]["counters"]["ingress"]["infrastructure"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "ARP passes and is counted: {st}"
+    );
+}
