@@ -16,10 +16,13 @@ use serde::{Deserialize, Serialize};
 use sg_common::{ct, CtKey, DIR_INGRESS, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
 use crate::{
-    compile::{compile, diff, port_entries, LocalInterface, Options, Plan, RuleGrant, RuleInfo},
+    compile::{
+        compile, diff, membership_change, port_entries, ChangedAddress, LocalInterface, Options,
+        Plan, PlanIndex, RuleGrant, RuleInfo,
+    },
     datapath::{self, addr_of, direction_of, Datapath, DatapathError, IngressHook, MapSizes},
-    model::State,
-    source::{self, LoadedState},
+    model::{NetworkInterface, State},
+    source::{self, Document, LoadedState},
     system::{self, HostInterface},
 };
 
@@ -99,7 +102,12 @@ pub struct Agent {
     opts: RunOptions,
     dp: Datapath,
     plan: Plan,
+    /// Ruleset by content and users, for membership changes; follows `plan`.
+    index: PlanIndex,
     state: Option<LoadedState>,
+    /// The applied state's file content, with its interfaces located; follows `state`.
+    /// None forces the next change through a full parse and compile.
+    doc: Option<Document>,
     last_error: Option<String>,
     host: Vec<HostInterface>,
     attached: BTreeSet<u32>,
@@ -110,10 +118,11 @@ pub struct Agent {
     seen: Option<(u64, u64, u64, i64, i64)>,
 }
 
-/// What identifies the applied content: its bytes (hashed once the maps are programmed,
-/// off the path from change to enforcement) or an already known SHA-256.
+/// What identifies the applied content: the parsed file (hashed once the maps are
+/// programmed, off the path from change to enforcement) or an already known SHA-256 of
+/// the content `Agent::doc` holds.
 enum Content {
-    Bytes(Vec<u8>),
+    Document(Document),
     Sha(String),
 }
 
@@ -127,7 +136,15 @@ impl Agent {
     /// Validates the state, then adopts or creates the pins and enforces the state.
     /// Nothing is attached when the state is invalid.
     pub fn start(opts: RunOptions) -> Result<Agent, AgentError> {
-        let loaded = source::load_file(&opts.state)?;
+        let bytes = std::fs::read(&opts.state).map_err(|e| source::StateError {
+            file: opts.state.clone(),
+            problems: vec![crate::model::Problem::new(
+                "file",
+                "-",
+                format!("cannot read: {e}"),
+            )],
+        })?;
+        let (doc, state) = Document::parse(&opts.state, bytes)?;
         system::ensure_pin_dir(&opts.pin_dir).map_err(io(format!(
             "preparing pin directory {}",
             opts.pin_dir.display()
@@ -147,8 +164,10 @@ impl Agent {
         let mut agent = Agent {
             opts,
             dp,
+            index: PlanIndex::new(&plan),
             plan,
             state: None,
+            doc: None,
             last_error: None,
             host: vec![],
             attached: BTreeSet::new(),
@@ -158,7 +177,7 @@ impl Agent {
             seen: None,
         };
         agent.seen = stamp(&agent.opts.state);
-        agent.apply(loaded.state, Content::Sha(loaded.sha256))?;
+        agent.apply(state, Content::Document(doc))?;
         Ok(agent)
     }
 
@@ -196,6 +215,7 @@ impl Agent {
             return;
         }
         self.seen = now;
+        let started = Instant::now();
         let text = match std::fs::read(&self.opts.state) {
             Ok(t) => t,
             Err(e) => {
@@ -203,16 +223,123 @@ impl Agent {
                 return;
             }
         };
-        let parsing = Instant::now();
-        match source::parse_text(&self.opts.state, &text) {
-            Ok(state) => {
-                log::debug!("parsed {} bytes in {:.1?}", text.len(), parsing.elapsed());
-                if let Err(e) = self.apply(state, Content::Bytes(text)) {
+        let text = if force {
+            text
+        } else {
+            match self.apply_membership(text, started) {
+                Ok(()) => return,
+                Err(text) => text,
+            }
+        };
+        let len = text.len();
+        match Document::parse(&self.opts.state, text) {
+            Ok((doc, state)) => {
+                log::debug!("parsed {len} bytes in {:.1?}", started.elapsed());
+                if let Err(e) = self.apply(state, Content::Document(doc)) {
                     self.fail(format!("applying state: {e}"));
                 }
             }
             Err(e) => self.fail(e.to_string()),
         }
+    }
+
+    /// Applies a change confined to network interfaces that no local interface is bound
+    /// to (members joining or leaving groups) without parsing or compiling the whole
+    /// state: only the changed interfaces are parsed and only their addresses' prefixes
+    /// recomputed. Gives the content back when the change needs the full path.
+    fn apply_membership(&mut self, text: Vec<u8>, started: Instant) -> Result<(), Vec<u8>> {
+        let (Some(doc), Some(loaded)) = (self.doc.as_mut(), self.state.as_mut()) else {
+            return Err(text);
+        };
+        let change = doc.update(&mut loaded.state, text)?;
+        // From here on `doc` and `loaded.state` are the new, valid state.
+        let added = &loaded.state.network_interfaces[change.at..change.at + change.added];
+        let (plan, host, attach) = (&self.plan, &self.host, &self.opts.attach);
+        let local = |n: &NetworkInterface| {
+            plan.interfaces.values().any(|i| i.eni == n.id)
+                || attach.iter().any(|(_, eni)| *eni == n.id)
+                || n.mac
+                    .as_deref()
+                    .is_some_and(|m| host.iter().any(|h| h.mac.as_deref() == Some(m)))
+        };
+        // The re-parsed run can hold neighbours that did not change: they are left out.
+        let changed: Vec<&NetworkInterface> = added
+            .iter()
+            .filter(|n| !change.removed.contains(n))
+            .chain(change.removed.iter().filter(|n| !added.contains(n)))
+            .collect();
+        // An address held only by added interfaces has their groups; others are looked up.
+        let addresses: Vec<ChangedAddress> = changed
+            .iter()
+            .flat_map(|n| n.addresses())
+            .map(|addr| {
+                let holders: Vec<&NetworkInterface> = added
+                    .iter()
+                    .filter(|n| n.addresses().any(|a| a == addr))
+                    .collect();
+                ChangedAddress {
+                    addr,
+                    groups: (doc.holders(&addr) as usize == holders.len()).then(|| {
+                        holders
+                            .iter()
+                            .flat_map(|n| n.groups.iter().map(String::as_str))
+                            .collect()
+                    }),
+                }
+            })
+            .collect();
+        let membership = if changed.iter().any(|n| local(n)) {
+            None
+        } else {
+            membership_change(&loaded.state, &mut self.plan, &mut self.index, &addresses)
+        };
+        let Some(membership) = membership else {
+            // A local interface changed: the whole state is compiled again.
+            let state = loaded.state.clone();
+            let sha = source::sha256_hex(doc.text());
+            if let Err(e) = self.apply(state, Content::Sha(sha)) {
+                self.doc = None;
+                self.fail(format!("applying state: {e}"));
+            }
+            return Ok(());
+        };
+        if let Err(e) = self.dp.apply(&membership.ops) {
+            // The maps are now between two plans: take them as they are, and let the next
+            // tick parse and compile the whole file again.
+            self.doc = None;
+            self.seen = None;
+            match adopt(&mut self.dp, &self.opts.run_dir) {
+                Ok(plan) => self.plan = plan,
+                Err(e) => log::error!("reading back the maps: {e}"),
+            }
+            self.index = PlanIndex::new(&self.plan);
+            self.fail(format!("applying a membership change: {e}"));
+            return Ok(());
+        }
+        let programmed = started.elapsed();
+        loaded.sha256 = source::sha256_hex(doc.text());
+        log::info!(
+            "applied state {} in {programmed:.1?} (membership of {} network interfaces): {} map operations, {} enforced interfaces",
+            &loaded.sha256[..12],
+            changed.len(),
+            membership.ops.len(),
+            self.plan.interfaces.len()
+        );
+        if membership.rulesets_changed {
+            if let Err(e) = save_metadata(&self.opts.run_dir, &self.plan) {
+                log::warn!("{e}");
+            }
+        }
+        if self.opts.revalidate {
+            match self.revalidate() {
+                Ok(0) => {}
+                Ok(n) => log::info!("{n} flows no longer allowed were dropped"),
+                Err(e) => log::warn!("revalidating flows: {e}"),
+            }
+        }
+        self.last_error = None;
+        self.write_status();
+        Ok(())
     }
 
     fn fail(&mut self, error: String) {
@@ -305,9 +432,14 @@ impl Agent {
         };
         let programmed = started.elapsed();
         let sha256 = match content {
-            Content::Bytes(bytes) => source::sha256_hex(&bytes),
+            Content::Document(doc) => {
+                let sha = source::sha256_hex(doc.text());
+                self.doc = Some(doc);
+                sha
+            }
             Content::Sha(sha) => sha,
         };
+        self.index = PlanIndex::new(&self.plan);
         log::info!(
             "applied state {} in {programmed:.1?} (compile {compile_time:.1?}): {} map operations, {} enforced interfaces{}",
             &sha256[..12],

@@ -18,6 +18,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
+mod membership;
+
+pub use membership::{membership_change, ChangedAddress, MembershipChange, PlanIndex};
+
 use sg_common::{
     ports::split_range, Grant, IfaceConfig, GRANT_UNTRACKED_TCP, GRANT_UNTRACKED_UDP,
     PORT_KEY_FULL_BITS, PORT_KEY_PROTO_BITS, PORT_KEY_RULESET_BITS, PROTO_TCP, PROTO_UDP,

@@ -406,53 +406,77 @@ impl State {
         }
         let mut macs = BTreeMap::new();
         for n in &self.network_interfaces {
-            // Object names are built only for problems: a state has 100k interfaces.
-            let object = || interface_object(&n.id);
-            for (i, g) in n.groups.iter().enumerate() {
-                if !groups.contains(g.as_str()) {
-                    problems.push(Problem::new(
-                        object(),
-                        format!("groups[{i}]"),
-                        format!("unknown security group {g:?}"),
-                    ));
-                }
-            }
-            let twice = n
-                .groups
-                .iter()
-                .enumerate()
-                .any(|(i, g)| n.groups[..i].contains(g));
-            if twice {
-                problems.push(Problem::new(
-                    object(),
-                    "groups",
-                    "lists a security group twice",
-                ));
-            }
-            if n.groups.len() > MAX_GROUPS_PER_INTERFACE {
-                problems.push(Problem::new(
-                    object(),
-                    "groups",
-                    format!(
-                        "{} security groups attached; at most {MAX_GROUPS_PER_INTERFACE} are supported",
-                        n.groups.len()
-                    ),
-                ));
-            }
+            check_interface(n, &groups, &mut problems);
             if let Some(mac) = &n.mac {
                 if let Some(other) = macs.insert(mac.as_str(), n.id.as_str()) {
-                    problems.push(Problem::new(
-                        object(),
-                        "mac",
-                        format!("MAC address {mac} is also used by network interface {other}"),
-                    ));
+                    problems.push(mac_taken(n, other));
                 }
-            }
-            if !n.timeouts.is_empty() {
-                check_timeouts(&n.timeouts, &object(), "timeouts", &mut problems);
             }
         }
         problems
+    }
+
+    /// The checks of `validate` that concern one network interface alone (its fields and
+    /// references), for the interfaces at `changed`: uniqueness of ids and MAC addresses
+    /// is the caller's to check.
+    pub fn check_interfaces(&self, changed: std::ops::Range<usize>) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let groups: BTreeSet<&str> = self.security_groups.iter().map(|g| g.id.as_str()).collect();
+        for n in &self.network_interfaces[changed] {
+            check_interface(n, &groups, &mut problems);
+        }
+        problems
+    }
+}
+
+fn mac_taken(n: &NetworkInterface, other: &str) -> Problem {
+    Problem::new(
+        interface_object(&n.id),
+        "mac",
+        format!(
+            "MAC address {} is also used by network interface {other}",
+            n.mac.as_deref().unwrap_or_default()
+        ),
+    )
+}
+
+/// The checks of one network interface that need no other interface.
+fn check_interface(n: &NetworkInterface, groups: &BTreeSet<&str>, problems: &mut Vec<Problem>) {
+    // Object names are built only for problems: a state has 100k interfaces.
+    let object = || interface_object(&n.id);
+    for (i, g) in n.groups.iter().enumerate() {
+        if !groups.contains(g.as_str()) {
+            problems.push(Problem::new(
+                object(),
+                format!("groups[{i}]"),
+                format!("unknown security group {g:?}"),
+            ));
+        }
+    }
+    let twice = n
+        .groups
+        .iter()
+        .enumerate()
+        .any(|(i, g)| n.groups[..i].contains(g));
+    if twice {
+        problems.push(Problem::new(
+            object(),
+            "groups",
+            "lists a security group twice",
+        ));
+    }
+    if n.groups.len() > MAX_GROUPS_PER_INTERFACE {
+        problems.push(Problem::new(
+            object(),
+            "groups",
+            format!(
+                "{} security groups attached; at most {MAX_GROUPS_PER_INTERFACE} are supported",
+                n.groups.len()
+            ),
+        ));
+    }
+    if !n.timeouts.is_empty() {
+        check_timeouts(&n.timeouts, &object(), "timeouts", problems);
     }
 }
 

@@ -12,6 +12,10 @@ use std::{
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+mod document;
+
+pub use document::{Document, InterfaceChange};
+
 use crate::{
     model::{
         group_object, interface_object, prefix_list_object, Direction, NetworkInterface, Peer,
@@ -388,46 +392,11 @@ mod native {
             });
         }
         for n in file.interfaces {
-            let id = n.id.get_ref().clone();
             let line = index.line(n.id.span().start);
             lines.interfaces.push(line);
-            let mut err = |field: String, msg: String| {
-                let mut pr = Problem::new(interface_object(&id), field, msg);
-                pr.line = Some(line);
-                problems.push(pr);
-            };
-            let mac = n
-                .mac
-                .as_deref()
-                .and_then(|m| normalize_mac(m).map_err(|e| err("mac".into(), e)).ok());
-            let mut ipv4 = Vec::new();
-            for (i, a) in n.ipv4.iter().enumerate() {
-                match a.parse::<Ipv4Addr>() {
-                    Ok(a) => ipv4.push(a),
-                    Err(_) => err(
-                        format!("ipv4[{i}]"),
-                        format!("{a:?} is not an IPv4 address"),
-                    ),
-                }
-            }
-            let mut ipv6 = Vec::new();
-            for (i, a) in n.ipv6.iter().enumerate() {
-                match a.parse::<Ipv6Addr>() {
-                    Ok(a) => ipv6.push(a),
-                    Err(_) => err(
-                        format!("ipv6[{i}]"),
-                        format!("{a:?} is not an IPv6 address"),
-                    ),
-                }
-            }
-            state.network_interfaces.push(NetworkInterface {
-                id,
-                mac,
-                ipv4,
-                ipv6,
-                groups: n.groups,
-                timeouts: n.timeouts,
-            });
+            state
+                .network_interfaces
+                .push(interface(n, Some(line), &mut problems));
         }
         if problems.is_empty() {
             Ok((state, lines))
@@ -440,6 +409,68 @@ mod native {
             problems.sort();
             problems.dedup();
             Err(problems)
+        }
+    }
+
+    /// Network interfaces alone: text made only of `[[interface]]` tables (a part of a
+    /// state file that held only interfaces). None when it holds anything else or any
+    /// interface has a problem.
+    pub fn parse_interfaces(text: &str) -> Option<Vec<NetworkInterface>> {
+        let file: File = toml::from_str(text).ok()?;
+        if file.settings.is_some() || !file.groups.is_empty() || !file.prefix_lists.is_empty() {
+            return None;
+        }
+        let mut problems = Vec::new();
+        let out: Vec<NetworkInterface> = file
+            .interfaces
+            .into_iter()
+            .map(|n| interface(n, None, &mut problems))
+            .collect();
+        problems.is_empty().then_some(out)
+    }
+
+    fn interface(
+        n: RawInterface,
+        line: Option<usize>,
+        problems: &mut Vec<Problem>,
+    ) -> NetworkInterface {
+        let id = n.id.into_inner();
+        let mut err = |field: String, msg: String| {
+            let mut pr = Problem::new(interface_object(&id), field, msg);
+            pr.line = line;
+            problems.push(pr);
+        };
+        let mac = n
+            .mac
+            .as_deref()
+            .and_then(|m| normalize_mac(m).map_err(|e| err("mac".into(), e)).ok());
+        let mut ipv4 = Vec::new();
+        for (i, a) in n.ipv4.iter().enumerate() {
+            match a.parse::<Ipv4Addr>() {
+                Ok(a) => ipv4.push(a),
+                Err(_) => err(
+                    format!("ipv4[{i}]"),
+                    format!("{a:?} is not an IPv4 address"),
+                ),
+            }
+        }
+        let mut ipv6 = Vec::new();
+        for (i, a) in n.ipv6.iter().enumerate() {
+            match a.parse::<Ipv6Addr>() {
+                Ok(a) => ipv6.push(a),
+                Err(_) => err(
+                    format!("ipv6[{i}]"),
+                    format!("{a:?} is not an IPv6 address"),
+                ),
+            }
+        }
+        NetworkInterface {
+            id,
+            mac,
+            ipv4,
+            ipv6,
+            groups: n.groups,
+            timeouts: n.timeouts,
         }
     }
 
@@ -749,54 +780,7 @@ mod aws {
             });
         }
         for n in file.network_interfaces {
-            // Names are built only for problems: a state has 100k interfaces.
-            let object = || interface_object(&n.network_interface_id);
-            let mac = n.mac_address.as_deref().and_then(|m| {
-                normalize_mac(m)
-                    .map_err(|e| problems.push(Problem::new(object(), "MacAddress", e)))
-                    .ok()
-            });
-            let mut ipv4 = Vec::new();
-            // Index 0 is the primary address field, i + 1 the i-th listed address.
-            let primary = n.private_ip_address.iter().map(|a| (a.as_str(), None));
-            let listed = n
-                .private_ip_addresses
-                .iter()
-                .enumerate()
-                .map(|(i, a)| (a.private_ip_address.as_str(), Some(i)));
-            for (a, at) in primary.chain(listed) {
-                match a.parse::<Ipv4Addr>() {
-                    Ok(a) if !ipv4.contains(&a) => ipv4.push(a),
-                    Ok(_) => {}
-                    Err(_) => problems.push(Problem::new(
-                        object(),
-                        match at {
-                            None => "PrivateIpAddress".to_string(),
-                            Some(i) => format!("PrivateIpAddresses[{i}].PrivateIpAddress"),
-                        },
-                        format!("{a:?} is not an IPv4 address"),
-                    )),
-                }
-            }
-            let mut ipv6 = Vec::new();
-            for (i, a) in n.ipv6_addresses.iter().enumerate() {
-                match a.ipv6_address.parse::<Ipv6Addr>() {
-                    Ok(a) => ipv6.push(a),
-                    Err(_) => problems.push(Problem::new(
-                        object(),
-                        format!("Ipv6Addresses[{i}].Ipv6Address"),
-                        format!("{:?} is not an IPv6 address", a.ipv6_address),
-                    )),
-                }
-            }
-            state.network_interfaces.push(NetworkInterface {
-                id: n.network_interface_id,
-                mac,
-                ipv4,
-                ipv6,
-                groups: n.groups.into_iter().map(|g| g.group_id).collect(),
-                timeouts: BTreeMap::new(),
-            });
+            state.network_interfaces.push(interface(n, &mut problems));
         }
         if problems.is_empty() {
             Ok(state)
@@ -805,6 +789,73 @@ mod aws {
             problems.sort();
             problems.dedup();
             Err(problems)
+        }
+    }
+
+    /// Network interfaces alone: the items of a `NetworkInterfaces` list, without the
+    /// brackets. None when they do not parse or any interface has a problem.
+    pub fn parse_interfaces(items: &str) -> Option<Vec<NetworkInterface>> {
+        let mut text = String::with_capacity(items.len() + 2);
+        text.push('[');
+        text.push_str(items);
+        text.push(']');
+        let raw: Vec<Interface> = serde_json::from_str(&text).ok()?;
+        let mut problems = Vec::new();
+        let out: Vec<NetworkInterface> = raw
+            .into_iter()
+            .map(|n| interface(n, &mut problems))
+            .collect();
+        problems.is_empty().then_some(out)
+    }
+
+    fn interface(n: Interface, problems: &mut Vec<Problem>) -> NetworkInterface {
+        // Names are built only for problems: a state has 100k interfaces.
+        let object = || interface_object(&n.network_interface_id);
+        let mac = n.mac_address.as_deref().and_then(|m| {
+            normalize_mac(m)
+                .map_err(|e| problems.push(Problem::new(object(), "MacAddress", e)))
+                .ok()
+        });
+        let mut ipv4 = Vec::new();
+        // Index 0 is the primary address field, i + 1 the i-th listed address.
+        let primary = n.private_ip_address.iter().map(|a| (a.as_str(), None));
+        let listed = n
+            .private_ip_addresses
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.private_ip_address.as_str(), Some(i)));
+        for (a, at) in primary.chain(listed) {
+            match a.parse::<Ipv4Addr>() {
+                Ok(a) if !ipv4.contains(&a) => ipv4.push(a),
+                Ok(_) => {}
+                Err(_) => problems.push(Problem::new(
+                    object(),
+                    match at {
+                        None => "PrivateIpAddress".to_string(),
+                        Some(i) => format!("PrivateIpAddresses[{i}].PrivateIpAddress"),
+                    },
+                    format!("{a:?} is not an IPv4 address"),
+                )),
+            }
+        }
+        let mut ipv6 = Vec::new();
+        for (i, a) in n.ipv6_addresses.iter().enumerate() {
+            match a.ipv6_address.parse::<Ipv6Addr>() {
+                Ok(a) => ipv6.push(a),
+                Err(_) => problems.push(Problem::new(
+                    object(),
+                    format!("Ipv6Addresses[{i}].Ipv6Address"),
+                    format!("{:?} is not an IPv6 address", a.ipv6_address),
+                )),
+            }
+        }
+        NetworkInterface {
+            id: n.network_interface_id,
+            mac,
+            ipv4,
+            ipv6,
+            groups: n.groups.into_iter().map(|g| g.group_id).collect(),
+            timeouts: BTreeMap::new(),
         }
     }
 

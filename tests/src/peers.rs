@@ -759,7 +759,7 @@ pub fn bench_peers(smoke: bool, quick: bool, publish: &mut Publish) {
     } else {
         50
     };
-    let sg = crate::benches::one_member_latency("json", n, changes);
+    let sg = crate::benches::one_member_latency("json", n, changes).end_to_end;
     let pair = Pair::new(1500);
     let timed = |ns: &Netns, cmd: &str, args: Vec<String>| -> f64 {
         let t = Instant::now();

@@ -216,6 +216,99 @@ fn membership_change_admits_new_and_keeps_established_connections() {
     }
 }
 
+/// `base` (either format) with one more network interface: web3 in web-sg, under `id`.
+fn with_member(base: &str, json: bool, id: &str) -> String {
+    if !json {
+        return format!(
+            "{base}\n[[interface]]\nid = \"{id}\"\nipv4 = [\"198.18.1.13\"]\ngroups = [\"sg-0a00000000000web\"]\n"
+        );
+    }
+    let list = base
+        .find("\"NetworkInterfaces\"")
+        .expect("a NetworkInterfaces list");
+    let end = list + base[list..].find("\n  ]").expect("the end of the list");
+    format!(
+        "{},\n    {{ \"NetworkInterfaceId\": \"{id}\", \"PrivateIpAddress\": \"198.18.1.13\", \"Groups\": [{{ \"GroupId\": \"sg-0a00000000000web\" }}] }}{}",
+        &base[..end],
+        &base[end..]
+    )
+}
+
+#[test]
+fn membership_changes_apply_without_a_full_recompile_in_both_formats() {
+    if !require_root("membership_changes_apply_without_a_full_recompile_in_both_formats") {
+        return;
+    }
+    let (_lab, db, web3) = db_and_web3();
+    for (name, json) in [("two-tier.toml", false), ("two-tier.json", true)] {
+        let dir = TempDir::new("membership");
+        let state = dir.path(name);
+        let log = dir.path("db.log");
+        let base = example(name);
+        let sha = write_state(&state, &base);
+        let mut agent = db.start_agent(&state, &[], &log);
+        db.wait_applied(&sha, &mut agent);
+        assert!(
+            !tcp::reaches(&web3.ns, "198.18.2.21:3306"),
+            "{name}: not a member yet"
+        );
+
+        let joined = with_member(&base, json, "eni-web3");
+        let sha = write_state(&state, &joined);
+        db.wait_applied(&sha, &mut agent);
+        assert!(
+            tcp::reaches(&web3.ns, "198.18.2.21:3306"),
+            "{name}: web3 joined"
+        );
+        let applied = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            applied.contains("(membership of 1 network interfaces): 1 map operations"),
+            "{name}: the join was applied as a membership change:\n{applied}"
+        );
+
+        // A second interface with the same id: invalid, the joined state stays.
+        let twice = with_member(&joined, json, "eni-web3");
+        write_state(&state, &twice);
+        let error = wait_for("the error in status", Duration::from_secs(10), || {
+            db.status()?["last_error"].as_str().map(str::to_string)
+        });
+        assert!(
+            error.contains("network interface eni-web3") && error.contains("duplicate id"),
+            "{name}: {error}"
+        );
+        assert_eq!(
+            db.status().unwrap()["applied_state_sha256"].as_str(),
+            Some(sha.as_str())
+        );
+        assert!(
+            tcp::reaches(&web3.ns, "198.18.2.21:3306"),
+            "{name}: still a member"
+        );
+
+        // The database's own groups change: a full compile, still right.
+        let isolated = base
+            .replace(
+                r#"[{ "GroupId": "sg-0a000000000000db", "GroupName": "db-sg" }]"#,
+                "[]",
+            )
+            .replace(r#"groups = ["sg-0a000000000000db"]"#, "groups = []");
+        assert_ne!(isolated, base);
+        let sha = write_state(&state, &isolated);
+        db.wait_applied(&sha, &mut agent);
+        assert!(
+            tcp::reaches(&web3.ns, "198.18.2.21:3306"),
+            "{name}: a database without groups is not enforced"
+        );
+        let sha = write_state(&state, &base);
+        db.wait_applied(&sha, &mut agent);
+        assert!(
+            !tcp::reaches(&web3.ns, "198.18.2.21:3306"),
+            "{name}: web3 left"
+        );
+        drop(agent);
+    }
+}
+
 #[test]
 fn revalidate_mode_cuts_connections_that_policy_no_longer_allows() {
     if !require_root("revalidate_mode_cuts_connections_that_policy_no_longer_allows") {
