@@ -142,8 +142,6 @@ struct Pair {
     client: Netns,
     iperf: Child,
     stop: Arc<AtomicBool>,
-    /// The kernel threads that do the server's receive processing (threaded NAPI).
-    server_napi: Vec<u32>,
 }
 
 impl Pair {
@@ -159,26 +157,11 @@ impl Pair {
             &[&format!("{CLIENT}/24")],
         );
         server.ip(&["link", "set", "eth0", "address", SERVER_MAC]);
-        let mut server_napi = vec![];
         for ns in [&server, &client] {
-            let before = napi_threads();
             ns.ip(&["link", "set", "eth0", "mtu", &mtu.to_string()]);
             // NAPI on both ends: the generator's frames (XDP_TX) need it on the receiver.
             let _ = ns.cmd("ethtool").args(["-K", "eth0", "gro", "on"]).output();
-            // Receive processing in its own kernel thread, so that it can run on the
-            // other core than the generator (as a NIC's interrupts would).
-            let _ = ns
-                .cmd("sh")
-                .args(["-c", "echo 1 > /sys/class/net/eth0/threaded"])
-                .output();
-            if server_napi.is_empty() {
-                server_napi = napi_threads()
-                    .into_iter()
-                    .filter(|p| !before.contains(p))
-                    .collect();
-            }
         }
-        pin_napi_threads();
         let iperf = server
             .cmd("iperf3")
             .args(["-s", "-p", "5201"])
@@ -212,8 +195,32 @@ impl Pair {
             client,
             iperf,
             stop,
-            server_napi,
         }
+    }
+}
+
+impl Pair {
+    /// Moves the server's receive processing into its own kernel thread on the last CPU
+    /// with real-time priority (threaded NAPI), as a NIC's softirq on a core of its own,
+    /// and returns the thread's pids; or (`on` false) back inline.
+    fn threaded_receive(&self, on: bool) -> Vec<u32> {
+        let before = napi_threads();
+        let _ = self
+            .server
+            .cmd("sh")
+            .args([
+                "-c",
+                &format!("echo {} > /sys/class/net/eth0/threaded", on as u8),
+            ])
+            .output();
+        if !on {
+            return vec![];
+        }
+        pin_napi_threads();
+        napi_threads()
+            .into_iter()
+            .filter(|p| !before.contains(p))
+            .collect()
     }
 }
 
@@ -722,9 +729,10 @@ pub fn bench_peers(smoke: bool, quick: bool, publish: &mut Publish) {
          (A, B, A, B …); medians with min–max, and the ratio to the unfiltered baseline of\n\
          the same run. The denied flood and the small packets come from sg's own generator\n\
          (BPF_PROG_RUN with live frames, random sources in 198.19.0.0/16, valid checksums),\n\
-         transmitted by the client's veth to the server. The server's receive processing runs\n\
-         in its own kernel thread (threaded NAPI) on the last CPU with real-time priority, as\n\
-         a NIC's softirq would, and the generator on the others. The flood's drop rate is\n\
+         transmitted by the client's veth to the server. For the flood's drop figures the\n\
+         server's receive processing runs in its own kernel thread (threaded NAPI) on the last\n\
+         CPU with real-time priority, as a NIC's softirq would, and the generator on the\n\
+         others; everything else runs as veth does by default. The flood's drop rate is\n\
          bounded by what the generator and the veth ring deliver (frames the ring cannot take\n\
          are lost before any filter sees them), so each filter's *drop capacity* is also given:\n\
          packets it dropped per second of receive CPU time (the NAPI thread's run time), the\n\
@@ -1005,9 +1013,10 @@ struct Flood {
     stream_gbps: f64,
 }
 
-/// A denied SYN flood from random sources, alone: frames the generator got through,
-/// packets the filter dropped and the receive CPU time it took; then the throughput of
-/// an allowed TCP stream during the same flood. (On veth an XDP program turns every
+/// A denied SYN flood from random sources, alone, with the server's receive processing
+/// on a core of its own: frames the generator got through, packets the filter dropped and
+/// the receive CPU time it took; then (receive processing inline again, as in every other
+/// figure) the throughput of an allowed TCP stream during the same flood. (On veth an XDP program turns every
 /// large skb of the stream into a copied frame, so the stream and the flood are measured
 /// apart: together, the copies would set the drop rate.)
 fn flood(pair: &Pair, installed: &Installed, gen: &mut Generator, secs: f64) -> Flood {
@@ -1016,18 +1025,20 @@ fn flood(pair: &Pair, installed: &Installed, gen: &mut Generator, secs: f64) -> 
         Variant::SgTc => Some(sg_common::PROG_TC_INGRESS),
         _ => None,
     };
+    let napi = pair.threaded_receive(true);
     let stats_before = program.map(prog_stats);
     let before = installed.dropped();
-    let cpu_before = cpu_ns(&pair.server_napi);
+    let cpu_before = cpu_ns(&napi);
     let t = Instant::now();
     let sent = gen.send(pair, &syn_flood_template(), secs);
     let elapsed = t.elapsed().as_secs_f64();
-    let cpu = cpu_ns(&pair.server_napi).saturating_sub(cpu_before) as f64 / 1e9;
+    let cpu = cpu_ns(&napi).saturating_sub(cpu_before) as f64 / 1e9;
     let program_ns = program.zip(stats_before).and_then(|(name, (t0, n0))| {
         let (t1, n1) = prog_stats(name);
         (n1 > n0).then(|| (t1 - t0) as f64 / (n1 - n0) as f64)
     });
     let after = installed.dropped();
+    pair.threaded_receive(false);
     let dropped = match (before, after) {
         (Some(b), Some(a)) => Some(a.saturating_sub(b) as f64),
         _ => None,
