@@ -116,6 +116,7 @@ fn main() -> ExitCode {
     } else {
         Mode::Full
     };
+    SMOKE.store(mode == Mode::Smoke, std::sync::atomic::Ordering::Relaxed);
     let what = args
         .iter()
         .find(|a| !a.starts_with("--"))
