@@ -136,15 +136,7 @@ impl Agent {
     /// Validates the state, then adopts or creates the pins and enforces the state.
     /// Nothing is attached when the state is invalid.
     pub fn start(opts: RunOptions) -> Result<Agent, AgentError> {
-        let bytes = std::fs::read(&opts.state).map_err(|e| source::StateError {
-            file: opts.state.clone(),
-            problems: vec![crate::model::Problem::new(
-                "file",
-                "-",
-                format!("cannot read: {e}"),
-            )],
-        })?;
-        let (doc, state) = Document::parse(&opts.state, bytes)?;
+        let (doc, state) = Document::load(&opts.state)?;
         system::ensure_pin_dir(&opts.pin_dir).map_err(io(format!(
             "preparing pin directory {}",
             opts.pin_dir.display()

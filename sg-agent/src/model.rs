@@ -409,7 +409,11 @@ impl State {
             check_interface(n, &groups, &mut problems);
             if let Some(mac) = &n.mac {
                 if let Some(other) = macs.insert(mac.as_str(), n.id.as_str()) {
-                    problems.push(mac_taken(n, other));
+                    problems.push(Problem::new(
+                        interface_object(&n.id),
+                        "mac",
+                        format!("MAC address {mac} is also used by network interface {other}"),
+                    ));
                 }
             }
         }
@@ -427,17 +431,6 @@ impl State {
         }
         problems
     }
-}
-
-fn mac_taken(n: &NetworkInterface, other: &str) -> Problem {
-    Problem::new(
-        interface_object(&n.id),
-        "mac",
-        format!(
-            "MAC address {} is also used by network interface {other}",
-            n.mac.as_deref().unwrap_or_default()
-        ),
-    )
 }
 
 /// The checks of one network interface that need no other interface.

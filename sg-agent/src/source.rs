@@ -78,12 +78,22 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Reads, parses and validates a state file.
 pub fn load_file(path: &Path) -> Result<LoadedState, StateError> {
-    let bytes = std::fs::read(path).map_err(|e| StateError {
-        file: path.to_path_buf(),
-        problems: vec![Problem::new("file", "-", format!("cannot read: {e}"))],
-    })?;
+    let bytes = read_file(path)?;
     let sha256 = sha256_hex(&bytes);
     parse_bytes(path, bytes, sha256)
+}
+
+/// The content of a state file, or an error naming it.
+pub fn read_file(path: &Path) -> Result<Vec<u8>, StateError> {
+    std::fs::read(path).map_err(|e| StateError {
+        file: path.to_path_buf(),
+        problems: vec![Problem::new("file", "-", format!("cannot read: {e}"))],
+    })
+}
+
+/// AWS JSON is one JSON object; anything else is the native format.
+fn is_aws_json(text: &str) -> bool {
+    text.trim_start().starts_with('{')
 }
 
 /// Parses and validates the content of `path` already read (with its SHA-256).
@@ -106,7 +116,7 @@ pub fn parse_text(path: &Path, bytes: &[u8]) -> Result<State, StateError> {
 
 /// Parses and validates state text in either format.
 pub fn parse_str(text: &str) -> Result<State, Vec<Problem>> {
-    let (state, lines) = if text.trim_start().starts_with('{') {
+    let (state, lines) = if is_aws_json(text) {
         (aws::parse(text)?, ObjectLines::default())
     } else {
         native::parse(text)?

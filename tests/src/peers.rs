@@ -216,11 +216,12 @@ impl Pair {
         if !on {
             return vec![];
         }
-        pin_napi_threads();
-        napi_threads()
+        let threads: Vec<u32> = napi_threads()
             .into_iter()
             .filter(|p| !before.contains(p))
-            .collect()
+            .collect();
+        pin_to_receive_cpu(&threads);
+        threads
     }
 }
 
@@ -554,22 +555,18 @@ fn cpu_ns(pids: &[u32]) -> u64 {
         .sum()
 }
 
-/// Moves the threaded-NAPI kernel threads of the pair's veth ends to `receive_cpu`, with
-/// the real-time priority a NIC's softirq processing has over processes.
-fn pin_napi_threads() {
+/// Moves kernel threads to `receive_cpu`, with the real-time priority a NIC's softirq
+/// processing has over processes.
+fn pin_to_receive_cpu(threads: &[u32]) {
     let cpu = receive_cpu();
     if cpu == 0 {
         return;
     }
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-        if comm.starts_with("napi/eth0-") {
-            let pid = entry.file_name().to_string_lossy().to_string();
-            let _ = Command::new("taskset")
-                .args(["-p", "-c", &cpu.to_string(), &pid])
-                .output();
-            let _ = Command::new("chrt").args(["-f", "-p", "50", &pid]).output();
-        }
+    for pid in threads.iter().map(u32::to_string) {
+        let _ = Command::new("taskset")
+            .args(["-p", "-c", &cpu.to_string(), &pid])
+            .output();
+        let _ = Command::new("chrt").args(["-f", "-p", "50", &pid]).output();
     }
 }
 

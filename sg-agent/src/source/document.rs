@@ -58,6 +58,11 @@ pub struct InterfaceChange {
 }
 
 impl Document {
+    /// Reads, parses and validates a whole state file.
+    pub fn load(path: &Path) -> Result<(Document, State), StateError> {
+        Document::parse(path, super::read_file(path)?)
+    }
+
     /// Parses and validates a whole state file (content already read).
     pub fn parse(path: &Path, bytes: Vec<u8>) -> Result<(Document, State), StateError> {
         let state = super::parse_text(path, &bytes)?;
@@ -67,8 +72,7 @@ impl Document {
     /// The document of `text`, which parsed into `state`. When its interfaces cannot be
     /// located exactly, no spans are kept and every change parses the whole file.
     pub fn new(text: Vec<u8>, state: &State) -> Document {
-        let str_text = std::str::from_utf8(&text).unwrap_or_default();
-        let format = if str_text.trim_start().starts_with('{') {
+        let format = if super::is_aws_json(std::str::from_utf8(&text).unwrap_or_default()) {
             Format::Aws
         } else {
             Format::Native
@@ -192,11 +196,9 @@ impl Document {
                 }
                 let items = native::parse_interfaces(slice)?;
                 let spans = toml_interface_spans(slice.as_bytes())?;
-                if spans.first().map(|s| s.start) != Some(0) {
-                    // Text before the first header would belong to the previous table.
-                    if !slice[..spans.first()?.start].trim().is_empty() {
-                        return None;
-                    }
+                // Text before the first header would belong to the previous table.
+                if !slice[..spans.first()?.start].trim().is_empty() {
+                    return None;
                 }
                 (items, spans)
             }
