@@ -1,6 +1,8 @@
 //! The optional HTTP API (`--api ADDR`): `GET /status` (the status document) and
 //! `GET /metrics` (Prometheus text). No port is opened unless asked.
 
+#![forbid(unsafe_code)]
+
 use std::{
     io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpListener},
@@ -8,11 +10,11 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use crate::datapath;
+use crate::status;
 
 pub fn serve(
     addr: SocketAddr,
-    status: Arc<Mutex<String>>,
+    document: Arc<Mutex<String>>,
     pin_dir: PathBuf,
 ) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr)?;
@@ -29,9 +31,13 @@ pub fn serve(
                 "/status" => (
                     "200 OK",
                     "application/json",
-                    status.lock().map(|s| s.clone()).unwrap_or_default(),
+                    document.lock().map(|s| s.clone()).unwrap_or_default(),
                 ),
-                "/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics(&pin_dir)),
+                "/metrics" => (
+                    "200 OK",
+                    "text/plain; version=0.0.4",
+                    status::metrics(&pin_dir),
+                ),
                 _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
             };
             let mut conn = &conn;
@@ -39,17 +45,4 @@ pub fn serve(
         }
     });
     Ok(())
-}
-
-/// Counters of every enforced interface in Prometheus text format.
-pub fn metrics(pin_dir: &std::path::Path) -> String {
-    let mut out = String::from("# TYPE sg_packets_total counter\n");
-    if let Ok((_, ifaces)) = datapath::pinned_status(pin_dir) {
-        for (ifindex, (_, counters)) in ifaces {
-            for (direction, name, value) in crate::cli::counter_rows(&counters) {
-                out += &format!("sg_packets_total{{ifindex=\"{ifindex}\",direction=\"{direction}\",counter=\"{name}\"}} {value}\n");
-            }
-        }
-    }
-    out
 }

@@ -2,6 +2,8 @@
 //! interface. Slow and obviously right; the compiler is tested against it, and `explain`
 //! uses it to name the rule that allows a packet.
 
+#![forbid(unsafe_code)]
+
 use std::net::IpAddr;
 
 use sg_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};

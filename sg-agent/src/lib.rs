@@ -1,19 +1,30 @@
 //! sg-agent: AWS-style security groups enforced in the kernel with eBPF.
 //!
-//! Modules by job: `model` (the state and its validation), `source` (native and AWS JSON
-//! files), `compile` (pure: state + local interfaces → plan, and plan diffs), `eval` (the
-//! reference evaluator), `datapath` (the only module that touches aya).
+//! One room per job (docs/design.md has the whole map):
+//! - `model`: the state (groups, prefix lists, interfaces) and its validation;
+//! - `source`: where the state comes from (files in the native and AWS JSON formats);
+//! - `compile`: pure: state + local interfaces → plan, plan diffs, the membership path;
+//! - `eval`: the reference evaluator that the compiler is tested against;
+//! - `datapath`: loading, attaching, pins, map writes and readers (the only aya user);
+//! - `agent`: the loop, reconcile, watch, persist;
+//! - `conntrack`: GC, revalidation, flows; `events`: flow events from the ring buffer;
+//! - `status`: the status document and metrics, for `api` and `cli`;
+//! - `cli`: the command line; `api`: the optional HTTP API;
+//! - `sys`: every libc call, and the only module allowed `unsafe`.
 #![deny(unsafe_code)]
 
 pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod compile;
+pub mod conntrack;
 pub mod datapath;
 pub mod eval;
-pub mod inotify;
+pub mod events;
 pub mod model;
 pub mod net;
 pub mod source;
-pub mod system;
+pub mod status;
+pub mod sys;
+#[cfg(feature = "testgen")]
 pub mod testgen;

@@ -1,3 +1,4 @@
+#![forbid(unsafe_code)]
 //! sg-agent: a thin main; everything lives in the library.
 use std::process::ExitCode;
 

@@ -4,6 +4,8 @@
 //! only the whole state can tell (references, duplicates, ranges) and reports every
 //! error at once, each naming the object and the field.
 
+#![forbid(unsafe_code)]
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,

@@ -1,5 +1,7 @@
 //! CIDRs and address families, as the datapath sees them: network-order bytes.
 
+#![forbid(unsafe_code)]
+
 use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},

@@ -3,6 +3,8 @@
 //! that reproduces it. Addresses come from the test ranges 198.18.0.0/15 and
 //! 2001:db8::/32 only, and from a small pool so that random packets hit random rules.
 
+#![forbid(unsafe_code)]
+
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},

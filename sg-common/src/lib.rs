@@ -13,12 +13,42 @@
 pub mod ct;
 pub mod maps;
 pub mod ports;
+pub mod registry;
 
 pub use maps::*;
 
 /// Direction of a packet relative to the enforced interface's owner (the "local" side).
 pub const DIR_INGRESS: u8 = 0;
 pub const DIR_EGRESS: u8 = 1;
+
+/// The other direction: where the reply of a packet travelling `dir` goes.
+#[inline(always)]
+pub const fn opposite(dir: u8) -> u8 {
+    dir ^ 1
+}
+
+/// EtherTypes the datapath looks at.
+pub mod ethertype {
+    pub const IPV4: u16 = 0x0800;
+    pub const IPV6: u16 = 0x86DD;
+    pub const ARP: u16 = 0x0806;
+    pub const VLAN: u16 = 0x8100;
+    pub const QINQ: u16 = 0x88A8;
+}
+
+/// ICMP echo flows keep the identifier in `CtKey::local_port` and this mark, ORed with the
+/// direction the request travelled, in `CtKey::remote_port`: only a reply matches the
+/// other way, and a same-id request from the peer is a new flow.
+pub const ECHO_PORT_MARK: u16 = 0x100;
+
+/// Kinds of link pin per interface (`<ifindex>-<kind>` under `links/`): XDP ingress, TC
+/// ingress, TC egress.
+pub mod link_kind {
+    pub const XDP: &str = "xdp";
+    pub const TC_INGRESS: &str = "tcin";
+    pub const TC_EGRESS: &str = "tcout";
+    pub const ALL: [&str; 3] = [XDP, TC_INGRESS, TC_EGRESS];
+}
 
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;

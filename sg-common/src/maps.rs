@@ -2,83 +2,21 @@
 
 use core::mem::size_of;
 
-// ---- Map names (at most 15 characters; `_V2` suffix when a layout changes) ----
-
-/// Established (assured) connections: hash, written by the datapath on promotion, expired
-/// entries deleted by the agent's GC. New flows can never evict these.
-pub const MAP_CT: &str = "SG_CT";
-/// Embryonic connections (seen in one direction only): LRU hash, so a flood of new flows
-/// only churns this table.
-pub const MAP_CT_NEW: &str = "SG_CT_NEW";
-/// Exact remote addresses (/32: group members, single hosts) → ruleset id. Hash.
-pub const MAP_ADDR4: &str = "SG_ADDR4";
-/// Exact remote addresses (/128) → ruleset id. Hash.
-pub const MAP_ADDR6: &str = "SG_ADDR6";
-/// Remote IPv4 CIDRs (flattened: each prefix carries the union of its containers) → ruleset.
-pub const MAP_NET4: &str = "SG_NET4";
-/// Remote IPv6 CIDRs (flattened) → ruleset id. LPM trie.
-pub const MAP_NET6: &str = "SG_NET6";
-/// Port stage: {ruleset, protocol, port} LPM trie → admitting rule.
-pub const MAP_PORTS: &str = "SG_PORTS";
-/// Per enforced interface: timeouts and flags. Written by the agent.
-pub const MAP_IFACE: &str = "SG_IFACE";
-/// Global settings (array of one): clock offset for tests, event rate limit.
-pub const MAP_GLOBAL: &str = "SG_GLOBAL";
-/// Per-CPU counters per interface (`Counters`), indexed by the interface's counter slot.
-pub const MAP_COUNTERS: &str = "SG_COUNTERS";
-/// Per-CPU hit counters per rule id (flows admitted by the rule).
-pub const MAP_RULE_HITS: &str = "SG_RULE_HITS";
-/// Remembered first-fragment verdicts. LRU hash.
-pub const MAP_FRAGS: &str = "SG_FRAGS";
-/// Flow events (admitted, denied) for flow logs. Ring buffer.
-pub const MAP_EVENTS: &str = "SG_EVENTS";
-/// Per-CPU token state for rate-limiting denied-flow events.
-pub const MAP_EVENT_RATE: &str = "SG_EVENT_RATE";
-
-/// The agent's status document (JSON), so `sg-agent status` can read it from the pins
-/// whether or not the agent runs. Array of one; the datapath never touches it.
-pub const MAP_STATUS: &str = "SG_STATUS";
-
-/// Every map the object defines, for pinning and adoption.
-pub const ALL_MAPS: [&str; 15] = [
-    MAP_STATUS,
-    MAP_CT,
-    MAP_CT_NEW,
-    MAP_ADDR4,
-    MAP_ADDR6,
-    MAP_NET4,
-    MAP_NET6,
-    MAP_PORTS,
-    MAP_IFACE,
-    MAP_GLOBAL,
-    MAP_COUNTERS,
-    MAP_RULE_HITS,
-    MAP_FRAGS,
-    MAP_EVENTS,
-    MAP_EVENT_RATE,
-];
-
-// ---- Default sizes (the agent can change them at load time) ----
-pub const DEFAULT_CT_ENTRIES: u32 = 262_144;
-pub const DEFAULT_CT_NEW_ENTRIES: u32 = 65_536;
-pub const DEFAULT_ADDR_ENTRIES: u32 = 524_288;
-pub const DEFAULT_NET_ENTRIES: u32 = 131_072;
-pub const DEFAULT_PORT_ENTRIES: u32 = 262_144;
-pub const DEFAULT_IFACE_ENTRIES: u32 = 256;
-pub const DEFAULT_RULE_ENTRIES: u32 = 131_072;
-pub const DEFAULT_FRAG_ENTRIES: u32 = 16_384;
-pub const EVENTS_BYTES: u32 = 1 << 20;
+// Map names, kinds, sizes and writers live in `registry`: one table for everything.
+pub use crate::registry::names::*;
 
 // ---- Program names ----
 pub const PROG_XDP_INGRESS: &str = "sg_xdp_ingress";
 pub const PROG_TC_INGRESS: &str = "sg_tc_ingress";
 pub const PROG_TC_EGRESS: &str = "sg_tc_egress";
-/// Benchmark floors (never attached): an empty XDP program and one hash lookup.
+/// Benchmark floors, in the separate benchmark object (`sg-ebpf-bench`), never attached:
+/// an empty XDP program and one hash lookup.
 pub const PROG_BENCH_EMPTY: &str = "sg_bench_empty";
 pub const PROG_BENCH_HASH: &str = "sg_bench_hash";
-/// Benchmark traffic generator (BPF_PROG_RUN live frames); never attached.
+/// Benchmark traffic generator (BPF_PROG_RUN live frames), in the benchmark object.
 pub const PROG_GEN: &str = "sg_gen";
-/// The plain hash map of the `sg_bench_hash` floor (IPv4 source address → 1).
+/// The plain hash map of the `sg_bench_hash` floor (IPv4 source address → 1), in the
+/// benchmark object.
 pub const MAP_BENCH: &str = "SG_BENCH";
 
 /// Key of the exact-address stage, IPv4. `addr` is network order.

@@ -12,8 +12,6 @@ use crate::{
     parse::{Ip, L4},
 };
 
-const ECHO_PORT_MARK: u16 = 0x100;
-
 /// Echo requests and replies: (is echo, is request).
 #[inline(always)]
 pub fn echo_kind(family: u8, protocol: u8, icmp_type: u8) -> (bool, bool) {
@@ -40,7 +38,7 @@ pub fn key_of(ifindex: u32, dir: u8, ip: &Ip) -> CtKey {
             if echo {
                 // The identifier, and the direction the request travelled: a request from
                 // the peer with the same identifier is a different flow.
-                let origin = if request { dir } else { 1 - dir };
+                let origin = if request { dir } else { opposite(dir) };
                 (l4.sport, ECHO_PORT_MARK | origin as u16)
             } else {
                 (0, 0)

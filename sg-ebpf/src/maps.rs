@@ -1,85 +1,92 @@
-//! The maps of the sg datapath. Layouts and names come from `sg-common`; sizes here are
-//! defaults that the agent overrides at load time.
+//! The maps of the sg datapath, declared from the registry in `sg-common`
+//! (`sg_common::registry`): name, kind, sizes and flags come from one spec per map. The
+//! capacities are defaults that the agent overrides at load time.
 
 use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
-use sg_common::*;
+use sg_common::{registry as spec, registry::MapSpec, *};
 
-/// Established flows; written on promotion by the datapath, expired entries GC'd by the agent.
+const fn flags(s: MapSpec) -> u32 {
+    if s.no_prealloc {
+        BPF_F_NO_PREALLOC
+    } else {
+        0
+    }
+}
+
+/// See `registry::CT.holds`.
 #[map]
-pub static SG_CT: HashMap<CtKey, CtEntry> = HashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
+pub static SG_CT: HashMap<CtKey, CtEntry> =
+    HashMap::with_max_entries(spec::CT.max_entries, flags(spec::CT));
 
-/// Embryonic flows (one direction seen); LRU so floods only evict each other.
+/// See `registry::CT_NEW.holds`.
 #[map]
 pub static SG_CT_NEW: LruHashMap<CtKey, CtEntry> =
-    LruHashMap::with_max_entries(DEFAULT_CT_NEW_ENTRIES, 0);
+    LruHashMap::with_max_entries(spec::CT_NEW.max_entries, flags(spec::CT_NEW));
 
-/// Exact remote IPv4 addresses → ruleset; written by the agent (only), so not
-/// preallocated: kernel memory follows the number of members, not the capacity.
+/// See `registry::ADDR4.holds`.
 #[map]
 pub static SG_ADDR4: HashMap<Addr4Key, RulesetRef> =
-    HashMap::with_max_entries(DEFAULT_ADDR_ENTRIES, BPF_F_NO_PREALLOC);
+    HashMap::with_max_entries(spec::ADDR4.max_entries, flags(spec::ADDR4));
 
-/// Exact remote IPv6 addresses → ruleset; written by the agent only, not preallocated.
+/// See `registry::ADDR6.holds`.
 #[map]
 pub static SG_ADDR6: HashMap<Addr6Key, RulesetRef> =
-    HashMap::with_max_entries(DEFAULT_ADDR_ENTRIES, BPF_F_NO_PREALLOC);
+    HashMap::with_max_entries(spec::ADDR6.max_entries, flags(spec::ADDR6));
 
-/// Flattened remote IPv4 CIDRs → ruleset; written by the agent.
+/// See `registry::NET4.holds`.
 #[map]
 pub static SG_NET4: LpmTrie<Net4Data, RulesetRef> =
-    LpmTrie::with_max_entries(DEFAULT_NET_ENTRIES, 0);
+    LpmTrie::with_max_entries(spec::NET4.max_entries, flags(spec::NET4));
 
-/// Flattened remote IPv6 CIDRs → ruleset; written by the agent.
+/// See `registry::NET6.holds`.
 #[map]
 pub static SG_NET6: LpmTrie<Net6Data, RulesetRef> =
-    LpmTrie::with_max_entries(DEFAULT_NET_ENTRIES, 0);
+    LpmTrie::with_max_entries(spec::NET6.max_entries, flags(spec::NET6));
 
-/// {ruleset, protocol, port} → admitting rule; written by the agent.
+/// See `registry::PORTS.holds`.
 #[map]
-pub static SG_PORTS: LpmTrie<PortData, Grant> = LpmTrie::with_max_entries(DEFAULT_PORT_ENTRIES, 0);
+pub static SG_PORTS: LpmTrie<PortData, Grant> =
+    LpmTrie::with_max_entries(spec::PORTS.max_entries, flags(spec::PORTS));
 
-/// ifindex → settings of an enforced interface; written by the agent. Absent: pass.
+/// See `registry::IFACE.holds`.
 #[map]
 pub static SG_IFACE: HashMap<u32, IfaceConfig> =
-    HashMap::with_max_entries(DEFAULT_IFACE_ENTRIES, 0);
+    HashMap::with_max_entries(spec::IFACE.max_entries, flags(spec::IFACE));
 
-/// Global settings, one element; written by the agent.
+/// See `registry::GLOBAL.holds`.
 #[map]
-pub static SG_GLOBAL: Array<GlobalConfig> = Array::with_max_entries(1, 0);
+pub static SG_GLOBAL: Array<GlobalConfig> =
+    Array::with_max_entries(spec::GLOBAL.max_entries, flags(spec::GLOBAL));
 
-/// Counter slot of an interface → per-CPU counters; written by the datapath, zeroed by
-/// the agent when it gives a slot to an interface.
+/// See `registry::COUNTERS.holds`.
 #[map]
 pub static SG_COUNTERS: PerCpuArray<Counters> =
-    PerCpuArray::with_max_entries(DEFAULT_IFACE_ENTRIES, 0);
+    PerCpuArray::with_max_entries(spec::COUNTERS.max_entries, flags(spec::COUNTERS));
 
-/// rule id → per-CPU count of flows admitted; written by the datapath.
+/// See `registry::RULE_HITS.holds`.
 #[map]
-pub static SG_RULE_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DEFAULT_RULE_ENTRIES, 0);
+pub static SG_RULE_HITS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(spec::RULE_HITS.max_entries, flags(spec::RULE_HITS));
 
-/// First-fragment verdicts; written by the datapath.
+/// See `registry::FRAGS.holds`.
 #[map]
 pub static SG_FRAGS: LruHashMap<FragKey, FragEntry> =
-    LruHashMap::with_max_entries(DEFAULT_FRAG_ENTRIES, 0);
+    LruHashMap::with_max_entries(spec::FRAGS.max_entries, flags(spec::FRAGS));
 
-/// Flow events for the agent; written by the datapath.
+/// See `registry::EVENTS.holds`.
 #[map]
-pub static SG_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+pub static SG_EVENTS: RingBuf = RingBuf::with_byte_size(spec::EVENTS.max_entries, 0);
 
-/// Per-CPU rate limiter of denied-flow events.
+/// See `registry::EVENT_RATE.holds`.
 #[map]
-pub static SG_EVENT_RATE: PerCpuArray<EventRate> = PerCpuArray::with_max_entries(1, 0);
+pub static SG_EVENT_RATE: PerCpuArray<EventRate> =
+    PerCpuArray::with_max_entries(spec::EVENT_RATE.max_entries, flags(spec::EVENT_RATE));
 
-/// Benchmark floor: a plain hash map keyed by IPv4 source address; never used by the
-/// enforcing programs.
+/// See `registry::STATUS.holds`.
 #[map]
-pub static SG_BENCH: HashMap<u32, u32> =
-    HashMap::with_max_entries(1 << 18, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
-
-/// The agent's status document; written by the agent only.
-#[map]
-pub static SG_STATUS: Array<StatusBlob> = Array::with_max_entries(1, 0);
+pub static SG_STATUS: Array<StatusBlob> =
+    Array::with_max_entries(spec::STATUS.max_entries, flags(spec::STATUS));

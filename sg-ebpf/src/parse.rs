@@ -4,6 +4,10 @@
 
 use core::mem::size_of;
 
+use aya_ebpf::{
+    helpers::generated::bpf_xdp_get_buff_len,
+    programs::{TcContext, XdpContext},
+};
 use sg_common::{drop_reason as dr, *};
 
 /// A packet buffer: XDP or TC.
@@ -24,6 +28,50 @@ pub fn ptr_at<T>(f: &impl Frame, off: usize) -> Result<*const T, ()> {
         return Err(());
     }
     Ok((start + off) as *const T)
+}
+
+/// An XDP buffer as a `Frame`.
+pub struct XdpFrame<'a>(pub &'a XdpContext);
+impl Frame for XdpFrame<'_> {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.0.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.0.data_end()
+    }
+    #[inline(always)]
+    fn wire_len(&self) -> u32 {
+        // SAFETY: helper on the program's own context.
+        unsafe { bpf_xdp_get_buff_len(self.0.ctx) as u32 }
+    }
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        self.0.ingress_ifindex() as u32
+    }
+}
+
+/// A TC skb as a `Frame`.
+pub struct TcFrame<'a>(pub &'a TcContext);
+impl Frame for TcFrame<'_> {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.0.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.0.data_end()
+    }
+    #[inline(always)]
+    fn wire_len(&self) -> u32 {
+        self.0.len()
+    }
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: reading a field of the program's own context.
+        unsafe { (*self.0.skb.skb).ifindex }
+    }
 }
 
 #[inline(always)]
@@ -77,11 +125,10 @@ pub enum Parsed {
     },
 }
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
-const ETH_P_ARP: u16 = 0x0806;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88A8;
+use ethertype::{
+    ARP as ETH_P_ARP, IPV4 as ETH_P_IP, IPV6 as ETH_P_IPV6, QINQ as ETH_P_8021AD,
+    VLAN as ETH_P_8021Q,
+};
 
 /// Parses the frame from the Ethernet header on.
 #[inline(always)]
@@ -347,5 +394,61 @@ pub fn is_infrastructure(ip: &Ip) -> bool {
             }
         }
         _ => false,
+    }
+}
+
+/// Bytes from the start of the frame that parsing needs: Ethernet and VLAN tags, the
+/// IP header (IPv4 by its IHL; IPv6 with room for extension headers) and the L4 header
+/// (room for an ICMP error's quoted packet). Generous when unsure; read from the linear
+/// part, so a frame whose very first headers are not linear gets a full pull.
+#[inline(always)]
+pub fn headers_len(f: &impl Frame) -> u32 {
+    const FALLBACK: u32 = 256;
+    let Ok(p) = ptr_at::<[u8; 2]>(f, 12) else {
+        return FALLBACK;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let mut proto = u16::from_be_bytes(unsafe { *p });
+    let mut off = 14u32;
+    let mut tags = 0;
+    while (proto == ethertype::VLAN || proto == ethertype::QINQ) && tags < 2 {
+        let Ok(p) = ptr_at::<[u8; 2]>(f, off as usize + 2) else {
+            return FALLBACK;
+        };
+        // SAFETY: bounds checked by ptr_at.
+        proto = u16::from_be_bytes(unsafe { *p });
+        off += 4;
+        tags += 1;
+    }
+    match proto {
+        0x0800 => {
+            let Ok(p) = ptr_at::<[u8; 20]>(f, off as usize) else {
+                return FALLBACK;
+            };
+            // SAFETY: bounds checked by ptr_at.
+            let h = unsafe { *p };
+            let ihl = ((h[0] & 0x0f) as u32) * 4;
+            let l4 = match h[9] {
+                PROTO_ICMP => 8 + 60 + 8,
+                _ => 20,
+            };
+            off + ihl + l4
+        }
+        0x86dd => {
+            let Ok(p) = ptr_at::<[u8; 8]>(f, off as usize) else {
+                return FALLBACK;
+            };
+            // SAFETY: bounds checked by ptr_at.
+            let next = unsafe { *p }[6];
+            let l4 = match next {
+                PROTO_TCP => 20,
+                PROTO_UDP => 8,
+                PROTO_ICMPV6 => 8 + 40 + 8,
+                // Extension headers: room for a few.
+                _ => 128,
+            };
+            off + 40 + l4
+        }
+        _ => off,
     }
 }

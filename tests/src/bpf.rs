@@ -145,7 +145,47 @@ impl Bpf {
     }
 
     pub fn counter(&mut self, ifindex: u32, direction: u8, slot: u32) -> u64 {
-        let c = self.dp.counters(ifindex).expect("counters");
+        let c = self.dp.tables().counters(ifindex).expect("counters");
         c.v[sg_common::Counters::index(direction, slot)]
+    }
+}
+
+/// What happened to one frame: passed, or dropped with the reason the datapath counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Pass,
+    /// Dropped; `sg_common::drop_reason` code (0 when no drop counter moved: a bug).
+    Drop(u32),
+}
+
+impl Bpf {
+    /// Runs `frame` on loopback and says whether it passed or which drop reason it was
+    /// counted under; Err when the kernel refuses to run the frame at all.
+    pub fn outcome(
+        &mut self,
+        hook: Hook,
+        frame: &[u8],
+    ) -> Result<Outcome, aya::programs::ProgramError> {
+        let dir = if hook == Hook::TcEgress {
+            sg_common::DIR_EGRESS
+        } else {
+            sg_common::DIR_INGRESS
+        };
+        let drops = |bpf: &mut Bpf| -> Vec<u64> {
+            (1..sg_common::drop_reason::COUNT)
+                .map(|r| bpf.counter(LO, dir, sg_common::counter::drop_slot(r)))
+                .collect()
+        };
+        let before = drops(self);
+        let (pass, _) = self.try_run_raw(hook, LO, frame, 1)?;
+        if pass {
+            return Ok(Outcome::Pass);
+        }
+        let after = drops(self);
+        let reason = (1..sg_common::drop_reason::COUNT)
+            .zip(before.iter().zip(&after))
+            .find(|(_, (b, a))| a > b)
+            .map_or(0, |(r, _)| r);
+        Ok(Outcome::Drop(reason))
     }
 }

@@ -84,6 +84,69 @@ impl Lab {
     }
 }
 
+/// MAC addresses of the two-tier hosts, as in `examples/two-tier.*`.
+pub const WEB1_MAC: &str = "02:5e:00:00:01:01";
+pub const DB_MAC: &str = "02:5e:00:00:02:01";
+pub const WEB3_MAC: &str = "02:5e:00:00:01:03";
+
+/// web1, db, an outsider and an administrator on one bridge, servers listening.
+pub struct TwoTier {
+    pub lab: Lab,
+    pub web1: Host,
+    pub db: Host,
+    pub outsider: Host,
+    pub admin: Host,
+}
+
+impl Lab {
+    /// The seed's two tiers (examples/two-tier.*): web1 and db with their MACs, an
+    /// outsider and an administrator; db listens on 3306 and 9999, web1 on 80 and 22, the
+    /// outsider on 7777. Returns once the lab is reachable end to end.
+    pub fn two_tier() -> TwoTier {
+        let mut lab = Lab::new();
+        let web1 = lab.host("web1", WEB1_MAC, &["198.18.1.11/16", "2001:db8:1::11/32"]);
+        let db = lab.host("db", DB_MAC, &["198.18.2.21/16", "2001:db8:2::21/32"]);
+        let outsider = lab.host(
+            "out",
+            "02:5e:00:00:09:09",
+            &["198.18.200.1/16", "2001:db8:200::1/32"],
+        );
+        let admin = lab.host(
+            "adm",
+            "02:5e:00:00:09:0a",
+            &["198.18.100.10/16", "2001:db8:100::10/32"],
+        );
+        tcp::echo_server(&db.ns, "[::]:3306");
+        tcp::echo_server(&db.ns, "[::]:9999");
+        tcp::echo_server(&web1.ns, "[::]:80");
+        tcp::echo_server(&web1.ns, "[::]:22");
+        tcp::echo_server(&outsider.ns, "[::]:7777");
+        wait_for("the lab", Duration::from_secs(10), || {
+            tcp::reaches(&outsider.ns, "198.18.2.21:9999").then_some(())
+        });
+        TwoTier {
+            lab,
+            web1,
+            db,
+            outsider,
+            admin,
+        }
+    }
+
+    /// A database server (listening on 3306) and a web server `web3` that is not in the
+    /// two-tier state yet. Returns once web3 reaches the database.
+    pub fn db_and_web3() -> (Lab, Host, Host) {
+        let mut lab = Lab::new();
+        let db = lab.host("db", DB_MAC, &["198.18.2.21/16"]);
+        let web3 = lab.host("web3", WEB3_MAC, &["198.18.1.13/16"]);
+        tcp::echo_server(&db.ns, "[::]:3306");
+        wait_for("the lab", Duration::from_secs(10), || {
+            tcp::reaches(&web3.ns, "198.18.2.21:3306").then_some(())
+        });
+        (lab, db, web3)
+    }
+}
+
 impl Default for Lab {
     fn default() -> Self {
         Self::new()

@@ -7,14 +7,12 @@
 //! - `bpf`: running the real loaded programs on frames;
 //! - `wait_for`: conditions with a deadline instead of sleeps.
 
-pub mod benches;
 pub mod bpf;
+pub mod fixtures;
 pub mod lab;
 pub mod netns;
 pub mod packet;
-pub mod peers;
 pub mod privileges;
-pub mod scale;
 
 use std::time::{Duration, Instant};
 

@@ -11,13 +11,10 @@ use std::{
 };
 
 use sg_tests::{
-    lab::{tcp, write_state, Host, Lab, TempDir},
+    lab::{tcp, write_state, Host, Lab, TempDir, TwoTier},
     privileges::require_root,
     wait_for,
 };
-
-const WEB1_MAC: &str = "02:5e:00:00:01:01";
-const DB_MAC: &str = "02:5e:00:00:02:01";
 
 fn example(name: &str) -> String {
     std::fs::read_to_string(
@@ -26,46 +23,6 @@ fn example(name: &str) -> String {
             .join(name),
     )
     .expect("example")
-}
-
-/// web1, db, an outsider and an administrator on one bridge, servers listening.
-struct TwoTier {
-    _lab: Lab,
-    web1: Host,
-    db: Host,
-    outsider: Host,
-    admin: Host,
-}
-
-fn two_tier() -> TwoTier {
-    let mut lab = Lab::new();
-    let web1 = lab.host("web1", WEB1_MAC, &["198.18.1.11/16", "2001:db8:1::11/32"]);
-    let db = lab.host("db", DB_MAC, &["198.18.2.21/16", "2001:db8:2::21/32"]);
-    let outsider = lab.host(
-        "out",
-        "02:5e:00:00:09:09",
-        &["198.18.200.1/16", "2001:db8:200::1/32"],
-    );
-    let admin = lab.host(
-        "adm",
-        "02:5e:00:00:09:0a",
-        &["198.18.100.10/16", "2001:db8:100::10/32"],
-    );
-    tcp::echo_server(&db.ns, "[::]:3306");
-    tcp::echo_server(&db.ns, "[::]:9999");
-    tcp::echo_server(&web1.ns, "[::]:80");
-    tcp::echo_server(&web1.ns, "[::]:22");
-    tcp::echo_server(&outsider.ns, "[::]:7777");
-    wait_for("the lab", Duration::from_secs(10), || {
-        tcp::reaches(&outsider.ns, "198.18.2.21:9999").then_some(())
-    });
-    TwoTier {
-        _lab: lab,
-        web1,
-        db,
-        outsider,
-        admin,
-    }
 }
 
 /// The seed checks that involve the database and web1, from every side.
@@ -107,7 +64,7 @@ fn both_state_formats_enforce_the_same_and_restart_adopts() {
     if !require_root("both_state_formats_enforce_the_same_and_restart_adopts") {
         return;
     }
-    let t = two_tier();
+    let t = Lab::two_tier();
     let dir = TempDir::new("formats");
     for (i, file) in ["two-tier.toml", "two-tier.json"].into_iter().enumerate() {
         let state = dir.path(file);
@@ -155,18 +112,6 @@ fn both_state_formats_enforce_the_same_and_restart_adopts() {
     assert!(!link.contains("xdp"), "no program left: {link}");
 }
 
-/// A database server and a web server that is not in the state yet.
-fn db_and_web3() -> (Lab, Host, Host) {
-    let mut lab = Lab::new();
-    let db = lab.host("db", DB_MAC, &["198.18.2.21/16"]);
-    let web3 = lab.host("web3", "02:5e:00:00:01:03", &["198.18.1.13/16"]);
-    tcp::echo_server(&db.ns, "[::]:3306");
-    wait_for("the lab", Duration::from_secs(10), || {
-        tcp::reaches(&web3.ns, "198.18.2.21:3306").then_some(())
-    });
-    (lab, db, web3)
-}
-
 /// The two-tier example with web3 in web-sg.
 fn with_web3(base: &str) -> String {
     format!(
@@ -179,7 +124,7 @@ fn membership_change_admits_new_and_keeps_established_connections() {
     if !require_root("membership_change_admits_new_and_keeps_established_connections") {
         return;
     }
-    let (_lab, db, web3) = db_and_web3();
+    let (_lab, db, web3) = Lab::db_and_web3();
     let dir = TempDir::new("member");
     let state = dir.path("state.toml");
     let base = example("two-tier.toml");
@@ -239,7 +184,7 @@ fn membership_changes_apply_without_a_full_recompile_in_both_formats() {
     if !require_root("membership_changes_apply_without_a_full_recompile_in_both_formats") {
         return;
     }
-    let (_lab, db, web3) = db_and_web3();
+    let (_lab, db, web3) = Lab::db_and_web3();
     for (name, json) in [("two-tier.toml", false), ("two-tier.json", true)] {
         let dir = TempDir::new("membership");
         let state = dir.path(name);
@@ -314,7 +259,7 @@ fn revalidate_mode_cuts_connections_that_policy_no_longer_allows() {
     if !require_root("revalidate_mode_cuts_connections_that_policy_no_longer_allows") {
         return;
     }
-    let (_lab, db, web3) = db_and_web3();
+    let (_lab, db, web3) = Lab::db_and_web3();
     let dir = TempDir::new("revalidate");
     let state = dir.path("state.toml");
     let base = example("two-tier.toml");
@@ -338,7 +283,7 @@ fn kill_9_and_restart_under_load_breaks_nothing_and_lets_nothing_through() {
     if !require_root("kill_9_and_restart_under_load_breaks_nothing_and_lets_nothing_through") {
         return;
     }
-    let t = two_tier();
+    let t = Lab::two_tier();
     let dir = TempDir::new("kill9");
     let state = dir.path("state.toml");
     let sha = write_state(&state, &example("two-tier.toml"));
@@ -390,9 +335,21 @@ fn kill_9_and_restart_under_load_breaks_nothing_and_lets_nothing_through() {
             }
         })
     };
-    std::thread::sleep(Duration::from_millis(300));
+    // Load runs both ways before, while and after the agent is gone.
+    let progress = |what: &str, trips: u64, tries: u64| {
+        let (rt0, p0) = (
+            round_trips.load(Ordering::Relaxed),
+            probes.load(Ordering::Relaxed),
+        );
+        wait_for(what, Duration::from_secs(10), || {
+            (round_trips.load(Ordering::Relaxed) >= rt0 + trips
+                && probes.load(Ordering::Relaxed) >= p0 + tries)
+                .then_some(())
+        });
+    };
+    progress("load before the kill", 200, 3);
     agent.kill9();
-    std::thread::sleep(Duration::from_millis(300));
+    progress("load with no agent", 200, 3);
     let started = Instant::now();
     let mut agent = t.db.start_agent(&state, &[], &dir.path("db-2.log"));
     t.db.wait_applied(&sha, &mut agent);
@@ -405,7 +362,7 @@ fn kill_9_and_restart_under_load_breaks_nothing_and_lets_nothing_through() {
         log.contains(": 0 map operations"),
         "and applies only the difference (none):\n{log}"
     );
-    std::thread::sleep(Duration::from_millis(500));
+    progress("load after the restart", 300, 3);
     stop.store(true, Ordering::Relaxed);
     for s in streams {
         s.join().unwrap();
@@ -437,7 +394,7 @@ fn an_invalid_state_keeps_the_last_valid_one_enforced() {
     if !require_root("an_invalid_state_keeps_the_last_valid_one_enforced") {
         return;
     }
-    let t = two_tier();
+    let t = Lab::two_tier();
     let dir = TempDir::new("invalid");
     let state = dir.path("state.toml");
     let good = example("two-tier.toml");

@@ -82,7 +82,7 @@ fn enforce_and_probe(hook: IngressHook) {
         reaches(&client, "198.18.0.1:8081").then_some(())
     });
     server
-        .enter(|| bpf.dp.attach("eth0", hook))
+        .enter(|| bpf.dp.attach("eth0", ifindex, hook, None))
         .unwrap_or_else(|e| panic!("{hook:?}: attach: {e:?}"));
     let link =
         String::from_utf8_lossy(&server.ip(&["link", "show", "dev", "eth0"]).stdout).to_string();

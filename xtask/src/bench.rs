@@ -7,10 +7,11 @@ use anyhow::{bail, Context, Result};
 
 pub fn run(what: &str, quick: bool, smoke: bool) -> Result<()> {
     let agent = crate::build_agent()?;
-    let bin = crate::build_test_bin("sg-bench")?;
+    let bin = crate::build_bin("sg-bench", "sg-bench")?;
     let mut cmd = Command::new(bin);
     cmd.arg(what)
         .env("SG_AGENT_BIN", &agent)
+        .env("SG_EBPF_BENCH_OBJECT", crate::bench_object())
         .current_dir(crate::root());
     if quick {
         cmd.arg("--quick");

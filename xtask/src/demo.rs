@@ -5,7 +5,7 @@ use std::{path::Path, process::Command};
 use anyhow::{bail, Context, Result};
 
 pub fn run(agent: &Path, keep: bool) -> Result<()> {
-    let bin = crate::build_test_bin("sg-demo")?;
+    let bin = crate::build_bin("sg-tests", "sg-demo")?;
     let mut cmd = Command::new(bin);
     cmd.env("SG_AGENT_BIN", agent);
     if keep {

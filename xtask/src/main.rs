@@ -93,6 +93,11 @@ pub fn ebpf_object() -> PathBuf {
     root().join("target/bpfel-unknown-none/release/sg-ebpf")
 }
 
+/// The benchmark-only object (floors and the traffic generator), built beside it.
+pub fn bench_object() -> PathBuf {
+    root().join("target/bpfel-unknown-none/release/sg-ebpf-bench")
+}
+
 fn status(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
     let st = cmd.status().with_context(|| format!("running {shown}"))?;
@@ -141,9 +146,9 @@ pub fn build_agent() -> Result<PathBuf> {
     Ok(root().join("target/release/sg-agent"))
 }
 
-/// Builds a binary of the tests crate (demo, benchmarks) with the eBPF object, so it
-/// shares the test build's artifacts.
-pub fn build_test_bin(name: &str) -> Result<PathBuf> {
+/// Builds a binary of a workspace crate (the demo in sg-tests, sg-bench) with the eBPF
+/// object, so it shares the test build's artifacts.
+pub fn build_bin(package: &str, name: &str) -> Result<PathBuf> {
     let object = build_ebpf()?;
     status(
         Command::new("cargo")
@@ -153,7 +158,7 @@ pub fn build_test_bin(name: &str) -> Result<PathBuf> {
                 "--locked",
                 "--release",
                 "-p",
-                "sg-tests",
+                package,
                 "--bin",
                 name,
             ])

@@ -5,14 +5,17 @@
 //! every prefix containing it), and the plan is updated in place: the work is bounded by
 //! the rules of the enforced interfaces' groups, not by the number of members.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use super::{
-    opposite_allows_all, port_entries, untracked_flags, MapOp, Plan, PrefixKey, RuleGrant, Ruleset,
+    address::{opposite_allows_all, untracked_flags},
+    port_entries, MapOp, Plan, PrefixKey, RuleGrant, Ruleset,
 };
 use crate::{
-    model::{Direction, Peer, State},
+    model::{Direction, NetworkInterface, Peer, State},
     net::Cidr,
 };
 
@@ -63,6 +66,48 @@ pub struct ChangedAddress<'a> {
     /// The groups of every interface that holds the address now, when the caller knows
     /// them; None: found with a pass over the interfaces.
     pub groups: Option<BTreeSet<&'a str>>,
+}
+
+/// The interfaces a change really touched, from the run of interfaces it re-parsed
+/// (`added`, now in the state) and the run it replaced (`removed`): a re-parsed run can
+/// hold neighbours that did not change, and those are left out.
+pub fn changed_interfaces<'a>(
+    added: &'a [NetworkInterface],
+    removed: &'a [NetworkInterface],
+) -> Vec<&'a NetworkInterface> {
+    added
+        .iter()
+        .filter(|n| !removed.contains(n))
+        .chain(removed.iter().filter(|n| !added.contains(n)))
+        .collect()
+}
+
+/// The addresses of the `changed` interfaces. An address held only by `added` interfaces
+/// (`holders` counts every interface of the new state that holds it) gets their groups;
+/// the others are looked up by `membership_change`.
+pub fn changed_addresses<'a>(
+    changed: &[&NetworkInterface],
+    added: &'a [NetworkInterface],
+    holders: impl Fn(&IpAddr) -> usize,
+) -> Vec<ChangedAddress<'a>> {
+    changed
+        .iter()
+        .flat_map(|n| n.addresses())
+        .map(|addr| {
+            let held: Vec<&NetworkInterface> = added
+                .iter()
+                .filter(|n| n.addresses().any(|a| a == addr))
+                .collect();
+            ChangedAddress {
+                addr,
+                groups: (holders(&addr) == held.len()).then(|| {
+                    held.iter()
+                        .flat_map(|n| n.groups.iter().map(String::as_str))
+                        .collect()
+                }),
+            }
+        })
+        .collect()
 }
 
 /// Updates `plan` (and `index`) for new group memberships of the addresses `changed`:

@@ -10,6 +10,8 @@
 //! else (a group, a prefix list, the structure around the list, an invalid interface)
 //! falls back to parsing the whole file.
 
+#![forbid(unsafe_code)]
+
 use std::{
     collections::HashMap,
     hash::{Hash, Hasher},

@@ -1,274 +1,22 @@
-//! `cargo xtask bench`: benchmarks, not tests. Every figure is measured in this run, side by
-//! side with its baseline, and written to docs/benchmarks.md (one section per benchmark)
-//! and target/bench/results.json (median, min, max and ratio of each figure).
-//!
-//! sg-bench <compile|datapath|agent|all> [--quick|--smoke]
+//! `bench datapath`: ns per packet in sg's programs (BPF_PROG_TEST_RUN), beside the floors
+//! of the benchmark object, at every scale.
 
-use std::{
-    collections::BTreeMap,
-    net::IpAddr,
-    path::{Path, PathBuf},
-    process::ExitCode,
-    time::{Duration, Instant},
-};
+use std::collections::BTreeMap;
 
 use aya::programs::{TestRun, TestRunOptions};
-use serde_json::{json, Value};
-use sg_agent::{
-    compile::{
-        compile, diff, membership_change, ChangedAddress, LocalInterface, Options, PlanIndex,
-    },
-    datapath::MapSizes,
-    model::NetworkInterface,
-    source::parse_str,
-    testgen::Rng,
-};
+use serde_json::json;
+use sg_agent::{compile::LocalInterface, datapath::MapSizes, source::parse_str, testgen::Rng};
 use sg_common::{PROG_BENCH_EMPTY, PROG_BENCH_HASH};
 use sg_tests::{
     bpf::{Bpf, Hook, LO},
     packet::{tcp, TH_ACK, TH_RST, TH_SYN},
-    privileges::require_root,
-    scale,
 };
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Full,
-    Quick,
-    Smoke,
-}
+use crate::{object::BenchObject, report::*, scale, Mode};
 
-/// Summary of repeated measurements.
-#[derive(Clone, Copy, Debug)]
-struct Stat {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-fn stat(mut v: Vec<f64>) -> Stat {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    Stat {
-        median: v[v.len() / 2],
-        min: v[0],
-        max: v[v.len() - 1],
-    }
-}
-
-fn stat_json(s: Stat, unit: &str) -> Value {
-    json!({ "median": s.median, "min": s.min, "max": s.max, "unit": unit })
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// Replaces (or appends) the section `name` of docs/benchmarks.md, and the key `name` of
-/// target/bench/results.json.
-static SMOKE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-fn publish(name: &str, markdown: &str, results: Value) {
-    // A smoke run only proves the harness works: its figures never replace real ones.
-    let smoke = SMOKE.load(std::sync::atomic::Ordering::Relaxed);
-    let md_path = if smoke {
-        root().join("target/bench/benchmarks-smoke.md")
-    } else {
-        root().join("docs/benchmarks.md")
-    };
-    std::fs::create_dir_all(md_path.parent().unwrap()).unwrap();
-    let mut md = std::fs::read_to_string(&md_path).unwrap_or_else(|_| {
-        "# Benchmarks\n\nMeasured with `cargo xtask bench` on the project's development VM (2 cores, shared \
-         and noisy: compare figures of one run with each other, not across runs). Each section \
-         is rewritten by the benchmark that owns it.\n"
-            .to_string()
-    });
-    let (open, close) = (
-        format!("<!-- bench:{name} -->"),
-        format!("<!-- /bench:{name} -->"),
-    );
-    let block = format!("{open}\n{markdown}\n{close}");
-    md = match (md.find(&open), md.find(&close)) {
-        (Some(a), Some(b)) => format!("{}{}{}", &md[..a], block, &md[b + close.len()..]),
-        _ => format!("{md}\n{block}\n"),
-    };
-    std::fs::write(&md_path, md).expect("writing docs/benchmarks.md");
-    let json_path = root().join(if smoke {
-        "target/bench/results-smoke.json"
-    } else {
-        "target/bench/results.json"
-    });
-    std::fs::create_dir_all(json_path.parent().unwrap()).unwrap();
-    let mut all: Value = std::fs::read_to_string(&json_path)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or(json!({}));
-    all[name] = results;
-    std::fs::write(&json_path, serde_json::to_string_pretty(&all).unwrap()).unwrap();
-    println!("{markdown}");
-}
-
-fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mode = if args.iter().any(|a| a == "--smoke") {
-        Mode::Smoke
-    } else if args.iter().any(|a| a == "--quick") {
-        Mode::Quick
-    } else {
-        Mode::Full
-    };
-    SMOKE.store(mode == Mode::Smoke, std::sync::atomic::Ordering::Relaxed);
-    let what = args
-        .iter()
-        .find(|a| !a.starts_with("--"))
-        .map(String::as_str)
-        .unwrap_or("all");
-    let started = Instant::now();
-    let run = |name: &str| what == "all" || what == name;
-    if run("compile") {
-        bench_compile(mode);
-    }
-    if run("datapath") {
-        if !require_root("bench datapath") {
-            return ExitCode::FAILURE;
-        }
-        bench_datapath(mode);
-    }
-    if run("agent") {
-        if !require_root("bench agent") {
-            return ExitCode::FAILURE;
-        }
-        bench_agent(mode);
-    }
-    if run("peers") {
-        if !require_root("bench peers") {
-            return ExitCode::FAILURE;
-        }
-        sg_tests::peers::bench_peers(
-            mode == Mode::Smoke,
-            mode == Mode::Quick,
-            &mut |name, md, v| publish(name, md, v),
-        );
-    }
-    if !["all", "compile", "datapath", "agent", "peers"].contains(&what) {
-        eprintln!("sg-bench: unknown benchmark {what:?} (all, compile, datapath, agent, peers)");
-        return ExitCode::from(64);
-    }
-    eprintln!("sg-bench: done in {:.0?}", started.elapsed());
-    ExitCode::SUCCESS
-}
-
-fn time<T>(f: impl FnOnce() -> T) -> (T, f64) {
-    let t = Instant::now();
-    let v = f();
-    (v, t.elapsed().as_secs_f64() * 1000.0)
-}
-
-// ---------------------------------------------------------------- compile
-
-fn bench_compile(mode: Mode) {
-    let reps = if mode == Mode::Smoke { 1 } else { 3 };
-    let scales: &[(u32, u32)] = match mode {
-        Mode::Smoke => &[(10, 10), (1000, 1000)],
-        _ => &[(10, 10), (1000, 1000), (10_000, 10_000), (100, 100_000)],
-    };
-    let locals = [LocalInterface {
-        ifindex: 2,
-        eni: "eni-srv".into(),
-    }];
-    let mut rows = String::new();
-    let mut results = vec![];
-    for &(rules, members) in scales {
-        let text = scale::state_text(rules, members);
-        let (state, parse_ms) = time(|| parse_str(&text).expect("bench state"));
-        let mut times = vec![];
-        let mut plan = None;
-        for _ in 0..reps {
-            let (p, ms) = time(|| compile(&state, &locals, &Options::default(), None));
-            times.push(ms);
-            plan = Some(p);
-        }
-        let plan = plan.unwrap();
-        let s = stat(times);
-        let ports: usize = plan.rulesets.values().map(|r| r.ports.len()).sum();
-        rows += &format!(
-            "| {rules} | {members} | {:.1} | {:.1} ({:.1}–{:.1}) | {} | {} | {ports} |\n",
-            parse_ms,
-            s.median,
-            s.min,
-            s.max,
-            plan.prefixes.len(),
-            plan.rulesets.len()
-        );
-        results.push(json!({ "rules": rules, "members": members, "parse_ms": parse_ms, "compile_ms": stat_json(s, "ms"),
-            "prefixes": plan.prefixes.len(), "rulesets": plan.rulesets.len(), "port_entries": ports }));
-    }
-    // One member joins a 10k-member group.
-    let members = if mode == Mode::Smoke { 1000 } else { 10_000 };
-    let state = parse_str(&scale::state_text(100, members)).unwrap();
-    let old = compile(&state, &locals, &Options::default(), None);
-    let mut joined = state.clone();
-    joined.network_interfaces.push(NetworkInterface {
-        id: "eni-new".into(),
-        mac: None,
-        ipv4: vec![scale::member_v4(members + 1)],
-        ipv6: vec![scale::member_v6(members + 1)],
-        groups: vec!["sg-members".into()],
-        timeouts: Default::default(),
-    });
-    let (mut ctimes, mut dtimes, mut ops) = (vec![], vec![], 0);
-    for _ in 0..reps.max(3) {
-        let (new, c) = time(|| compile(&joined, &locals, &Options::default(), Some(&old)));
-        let (d, dt) = time(|| diff(&old, &new));
-        ctimes.push(c);
-        dtimes.push(dt);
-        ops = d.len();
-    }
-    // The agent's path for the same change: only the new member's addresses.
-    let mut mtimes = vec![];
-    let mut incremental_ops = 0;
-    for _ in 0..reps.max(3) {
-        let mut plan = old.clone();
-        let mut index = PlanIndex::new(&plan);
-        let new = joined.network_interfaces.last().unwrap();
-        let changed: Vec<ChangedAddress> = new
-            .addresses()
-            .map(|addr| ChangedAddress {
-                addr,
-                groups: Some(new.groups.iter().map(String::as_str).collect()),
-            })
-            .collect();
-        let (change, t) =
-            time(|| membership_change(&joined, &mut plan, &mut index, &changed).unwrap());
-        mtimes.push(t);
-        incremental_ops = change.ops.len();
-    }
-    let m = stat(mtimes);
-    let (c, d) = (stat(ctimes), stat(dtimes));
-    let md = format!(
-        "## Compiler (`cargo xtask bench compile`)\n\n\
-         Pure user-space work, before any map is touched: parse + validate, compile (flatten\n\
-         prefixes, share rulesets, split port ranges), plan size. Median of {reps} (min–max).\n\n\
-         | rules | members | parse ms | compile ms | address entries | rulesets | port entries |\n\
-         | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n{rows}\n\
-         One member joins a {members}-member group: recompile {:.1} ms ({:.1}–{:.1}), diff {:.2} ms \
-         ({:.2}–{:.2}), **{ops} map operations** (its IPv4 and IPv6 address; nothing else changes).\n\
-         The agent's path for it (`membership_change`: only the member's addresses): {:.3} ms \
-         ({:.3}–{:.3}), {incremental_ops} map operations.\n",
-        c.median, c.min, c.max, d.median, d.min, d.max, m.median, m.min, m.max
-    );
-    publish(
-        "compile",
-        &md,
-        json!({ "scales": results, "one_member_change": { "members": members,
-        "compile_ms": stat_json(c, "ms"), "diff_ms": stat_json(d, "ms"), "ops": ops,
-        "membership_change_ms": stat_json(m, "ms"), "membership_change_ops": incremental_ops } }),
-    );
-}
-
-// ---------------------------------------------------------------- datapath
-
-struct Dp {
+pub(crate) struct Dp {
     bpf: Bpf,
+    floors: BenchObject,
 }
 
 impl Dp {
@@ -283,18 +31,12 @@ impl Dp {
             repeat,
             ..TestRunOptions::default()
         };
-        let r = self
-            .bpf
-            .dp
-            .xdp(name)
-            .expect("bench program")
-            .test_run(opts)
-            .expect("test run");
+        let r = self.floors.xdp(name).test_run(opts).expect("test run");
         r.duration.as_nanos() as f64
     }
 }
 
-fn member(i: u32, v6: bool) -> String {
+pub(crate) fn member(i: u32, v6: bool) -> String {
     if v6 {
         scale::member_v6(i).to_string()
     } else {
@@ -302,7 +44,7 @@ fn member(i: u32, v6: bool) -> String {
     }
 }
 
-fn bench_datapath(mode: Mode) {
+pub(crate) fn bench_datapath(mode: Mode) {
     let (scales, repeat, calls, reps): (&[u32], u32, u32, usize) = match mode {
         Mode::Smoke => (&[10, 1000], 2000, 200, 1),
         Mode::Quick => (&[10, 1000, 10_000, 100_000], 50_000, 1000, 3),
@@ -334,6 +76,7 @@ fn bench_datapath(mode: Mode) {
                 }],
                 &sizes,
             ),
+            floors: BenchObject::load(),
         };
         let mut rng = Rng::new(n as u64);
         let mut samples: BTreeMap<(String, &str, &str), Vec<f64>> = BTreeMap::new();
@@ -421,8 +164,7 @@ fn bench_datapath(mode: Mode) {
         {
             let mut bench: aya::maps::HashMap<&mut aya::maps::MapData, u32, u32> =
                 aya::maps::HashMap::try_from(
-                    dp.bpf
-                        .dp
+                    dp.floors
                         .ebpf()
                         .map_mut(sg_common::MAP_BENCH)
                         .expect("SG_BENCH"),
@@ -521,14 +263,3 @@ fn bench_datapath(mode: Mode) {
 }
 
 // ---------------------------------------------------------------- agent
-
-fn bench_agent(mode: Mode) {
-    sg_tests::benches::bench_agent(
-        mode == Mode::Smoke,
-        mode == Mode::Quick,
-        &mut |name, md, v| publish(name, md, v),
-    );
-}
-
-#[allow(dead_code)]
-fn unused(_: &Path, _: IpAddr, _: Duration) {}

@@ -11,11 +11,12 @@ use aya::maps::{HashMap, MapData};
 use serde_json::{json, Value};
 use sg_common::{Addr4Key, RulesetRef, DIR_INGRESS};
 
-use crate::{
+use sg_tests::{
     lab::{agent_bin, write_state, TempDir},
     netns::{run, Netns},
-    scale,
 };
+
+use crate::scale;
 
 pub type Publish<'a> = dyn FnMut(&str, &str, Value) + 'a;
 
@@ -95,6 +96,18 @@ impl PinnedAgent {
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path("agent.log")).unwrap_or_default()
+    }
+
+    /// Waits (up to 2 s) until the agent has logged `n` applied states: each apply ends
+    /// with its log line, after the status is written. A change the agent coalesced with
+    /// the next one never gets its own line, so the deadline ends the wait, not the run.
+    fn wait_applies(&self, n: usize) {
+        let start = Instant::now();
+        while self.log().matches("applied state").count() < n
+            && start.elapsed() < Duration::from_secs(2)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     fn rss_kib(&self) -> u64 {
@@ -190,14 +203,14 @@ pub fn bench_agent(smoke: bool, quick: bool, publish: &mut Publish) {
         let body = if format == "toml" {
             text.clone()
         } else {
-            aws_json(&sg_agent::source::parse_str(&text).expect("bench state"))
+            sg_agent::source::to_aws_json(&sg_agent::source::parse_str(&text).expect("bench state"))
         };
         write_state(&state_path, &body);
         let started = Instant::now();
         let agent = PinnedAgent::start(&state_path, dir, &[]);
         agent.wait_member(members - 1, Duration::from_secs(300));
         let start_to_enforced = started.elapsed().as_secs_f64() * 1000.0;
-        std::thread::sleep(Duration::from_millis(500));
+        agent.wait_applies(1);
         let rss = agent.rss_kib() as f64 / 1024.0;
         let apply_ms = agent.last_apply_ms().unwrap_or(f64::NAN);
         md += &format!(
@@ -234,14 +247,14 @@ pub fn one_member_latency(format: &str, members: u32, changes: u32) -> Latency {
         if format == "toml" {
             text.to_string()
         } else {
-            aws_json(&sg_agent::source::parse_str(text).expect("bench state"))
+            sg_agent::source::to_aws_json(&sg_agent::source::parse_str(text).expect("bench state"))
         }
     };
     write_state(&state_path, &to_format(&base_members));
     let agent = PinnedAgent::start(&state_path, dir, &[]);
     agent.wait_member(members - 1, Duration::from_secs(60));
     // Let the agent finish starting (attach, status) before the first change.
-    std::thread::sleep(Duration::from_millis(500));
+    agent.wait_applies(1);
     let mut end_to_end = vec![];
     let mut text = base_members;
     for k in 0..changes {
@@ -263,7 +276,7 @@ pub fn one_member_latency(format: &str, members: u32, changes: u32) -> Latency {
         let _ = agent.wait_member(i, Duration::from_secs(10));
         end_to_end.push(start.elapsed().as_secs_f64() * 1000.0);
         // The agent finishes its bookkeeping (hash, status) before the next change.
-        std::thread::sleep(Duration::from_millis(20));
+        agent.wait_applies(k as usize + 2);
     }
     let log = agent.log();
     let applies: Vec<&str> = log
@@ -300,61 +313,4 @@ pub fn applied_ms(log: &str) -> Option<f64> {
 
 pub fn percentile_of(sorted: &[f64], p: f64) -> f64 {
     percentile(sorted, p)
-}
-
-/// The same state in AWS JSON shapes.
-pub fn aws_json(state: &sg_agent::model::State) -> String {
-    use sg_agent::model::{Peer, PortMatch, Protocol};
-    let perm = |r: &sg_agent::model::Rule| -> Value {
-        let proto = match r.protocol {
-            Protocol::All => "-1".to_string(),
-            Protocol::Number(6) => "tcp".into(),
-            Protocol::Number(17) => "udp".into(),
-            Protocol::Number(1) => "icmp".into(),
-            Protocol::Number(58) => "icmpv6".into(),
-            Protocol::Number(n) => n.to_string(),
-        };
-        let (from, to) = match r.ports {
-            PortMatch::Any => (-1i64, -1i64),
-            PortMatch::Ports { from, to } => (from as i64, to as i64),
-            PortMatch::Icmp { icmp_type, code } => (
-                icmp_type.map_or(-1, |t| t as i64),
-                code.map_or(-1, |c| c as i64),
-            ),
-        };
-        let mut v4 = vec![];
-        let mut v6 = vec![];
-        let mut groups = vec![];
-        let mut lists = vec![];
-        for p in &r.peers {
-            match p {
-                Peer::Cidr(c) if c.family() == sg_agent::net::Family::V4 => {
-                    v4.push(json!({ "CidrIp": c.to_string() }))
-                }
-                Peer::Cidr(c) => v6.push(json!({ "CidrIpv6": c.to_string() })),
-                Peer::Group(g) => groups.push(json!({ "GroupId": g })),
-                Peer::PrefixList(l) => lists.push(json!({ "PrefixListId": l })),
-            }
-        }
-        json!({ "IpProtocol": proto, "FromPort": from, "ToPort": to, "IpRanges": v4, "Ipv6Ranges": v6,
-            "UserIdGroupPairs": groups, "PrefixListIds": lists })
-    };
-    let groups: Vec<Value> = state
-        .security_groups
-        .iter()
-        .map(|g| {
-            json!({ "GroupId": g.id, "GroupName": g.name,
-            "IpPermissions": g.ingress.iter().map(perm).collect::<Vec<_>>(),
-            "IpPermissionsEgress": g.egress.iter().map(perm).collect::<Vec<_>>() })
-        })
-        .collect();
-    let enis: Vec<Value> = state
-        .network_interfaces
-        .iter()
-        .map(|n| json!({ "NetworkInterfaceId": n.id, "MacAddress": n.mac,
-            "PrivateIpAddresses": n.ipv4.iter().map(|a| json!({ "PrivateIpAddress": a.to_string() })).collect::<Vec<_>>(),
-            "Ipv6Addresses": n.ipv6.iter().map(|a| json!({ "Ipv6Address": a.to_string() })).collect::<Vec<_>>(),
-            "Groups": n.groups.iter().map(|g| json!({ "GroupId": g })).collect::<Vec<_>>() }))
-        .collect();
-    json!({ "SecurityGroups": groups, "NetworkInterfaces": enis }).to_string()
 }

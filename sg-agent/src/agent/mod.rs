@@ -1,0 +1,219 @@
+//! The running agent: adopt what is pinned, compile the state for the local interfaces,
+//! apply the ordered difference, attach, then keep the maps equal to the state as the file,
+//! the interfaces and time change.
+//!
+//! One loop with an arm per source of work: state changes (inotify, `watch`), SIGHUP,
+//! SIGINT/SIGTERM, and housekeeping (hot plug and the polling fallback, conntrack GC),
+//! which runs on its own deadlines however busy the other arms are. Rooms: `reconcile`
+//! (bind, apply, the membership path), `watch` (signals, inotify, file identity),
+//! `persist` (plan metadata, adoption, the run directory).
+
+#![forbid(unsafe_code)]
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{mpsc, Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    compile::{Plan, PlanIndex},
+    datapath::{Datapath, DatapathError, IngressHook, MapSizes},
+    source::{self, Document, FileSource, LoadedState},
+    status,
+    sys::{self, HostInterface},
+};
+
+mod persist;
+mod reconcile;
+mod watch;
+
+pub use persist::default_run_dir;
+pub use reconcile::bind;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    State(#[from] source::StateError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
+    let what = what.into();
+    move |source| AgentError::Io { what, source }
+}
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub state: PathBuf,
+    /// Explicit bindings: interface name → network interface id.
+    pub attach: Vec<(String, String)>,
+    pub pin_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub hook: IngressHook,
+    pub default_deny: bool,
+    pub revalidate: bool,
+    pub api: Option<SocketAddr>,
+    pub sizes: MapSizes,
+    /// Period of hot-plug detection and the polling fallback.
+    pub tick: Duration,
+    pub gc_interval: Duration,
+}
+
+enum Event {
+    StateChanged,
+    Reload,
+    Stop,
+}
+
+pub struct Agent {
+    opts: RunOptions,
+    source: FileSource,
+    dp: Datapath,
+    plan: Plan,
+    /// Ruleset by content and users, for membership changes; follows `plan`.
+    index: PlanIndex,
+    state: Option<LoadedState>,
+    /// The applied state's file content, with its interfaces located; follows `state`.
+    /// None forces the next change through a full parse and compile.
+    doc: Option<Document>,
+    last_error: Option<String>,
+    host: Vec<HostInterface>,
+    attached: BTreeSet<u32>,
+    names: BTreeMap<u32, String>,
+    status: Arc<Mutex<String>>,
+    /// Identity of the state file content last read.
+    seen: Option<watch::FileIdentity>,
+    next_tick: Instant,
+    next_gc: Instant,
+}
+
+impl Agent {
+    /// Validates the state, then adopts or creates the pins and enforces the state.
+    /// Nothing is attached when the state is invalid.
+    pub fn start(opts: RunOptions) -> Result<Agent, AgentError> {
+        let (doc, state) = Document::load(&opts.state)?;
+        sys::ensure_pin_dir(&opts.pin_dir).map_err(io(format!(
+            "preparing pin directory {}",
+            opts.pin_dir.display()
+        )))?;
+        std::fs::create_dir_all(&opts.run_dir)
+            .map_err(io(format!("creating {}", opts.run_dir.display())))?;
+        let mut dp = Datapath::open_pinned(&opts.sizes, &opts.pin_dir)?;
+        let plan = persist::adopt(&mut dp, &opts.run_dir)?;
+        if !plan.prefixes.is_empty() || !plan.interfaces.is_empty() {
+            log::info!(
+                "adopted pinned state: {} interfaces, {} prefixes, {} rulesets",
+                plan.interfaces.len(),
+                plan.prefixes.len(),
+                plan.rulesets.len()
+            );
+        }
+        let now = Instant::now();
+        let mut agent = Agent {
+            source: FileSource::new(&opts.state),
+            next_tick: now + opts.tick,
+            next_gc: now + opts.gc_interval,
+            opts,
+            dp,
+            index: PlanIndex::new(&plan),
+            plan,
+            state: None,
+            doc: None,
+            last_error: None,
+            host: vec![],
+            attached: BTreeSet::new(),
+            names: BTreeMap::new(),
+            status: Arc::new(Mutex::new(String::new())),
+            seen: None,
+        };
+        agent.seen = watch::identity(&agent.opts.state);
+        agent.apply(state, reconcile::Content::Document(doc))?;
+        Ok(agent)
+    }
+
+    /// Runs until SIGINT or SIGTERM; enforcement stays in place afterwards.
+    pub fn run(mut self) -> Result<(), AgentError> {
+        let (tx, rx) = mpsc::channel();
+        watch::spawn_signals(tx.clone())?;
+        watch::spawn_watcher(&self.opts.state, tx);
+        if let Some(addr) = self.opts.api {
+            crate::api::serve(addr, self.status.clone(), self.opts.pin_dir.clone())
+                .map_err(io(format!("serving the API on {addr}")))?;
+        }
+        loop {
+            let deadline = self.next_tick.min(self.next_gc);
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(Event::Stop) => {
+                    log::info!("stopping; programs stay attached and maps pinned");
+                    return Ok(());
+                }
+                Ok(Event::Reload) => {
+                    log::info!("SIGHUP: re-reading {}", self.opts.state.display());
+                    self.reload(true);
+                }
+                Ok(Event::StateChanged) => self.reload(false),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+            self.housekeeping();
+        }
+    }
+
+    /// Work that runs on its own deadlines, whatever else keeps the loop busy.
+    fn housekeeping(&mut self) {
+        let now = Instant::now();
+        if now >= self.next_tick {
+            self.next_tick = now + self.opts.tick;
+            self.hot_plug();
+            // Polling fallback for file changes inotify could not see.
+            self.reload(false);
+        }
+        if now >= self.next_gc {
+            self.next_gc = now + self.opts.gc_interval;
+            match crate::conntrack::gc(&mut self.dp, &self.plan) {
+                Ok(0) => {}
+                Ok(n) => log::debug!("conntrack GC removed {n} expired flows"),
+                Err(e) => log::warn!("conntrack GC: {e}"),
+            }
+        }
+    }
+
+    fn fail(&mut self, error: String) {
+        if self.last_error.as_deref() != Some(error.as_str()) {
+            log::error!("keeping the last valid state: {error}");
+        }
+        self.last_error = Some(error);
+        self.write_status();
+    }
+
+    fn write_status(&mut self) {
+        let doc = status::agent_document(&status::AgentView {
+            state_path: &self.opts.state,
+            applied: self.state.as_ref(),
+            last_error: self.last_error.as_deref(),
+            hook: self.opts.hook,
+            default_deny: self.opts.default_deny,
+            revalidate: self.opts.revalidate,
+            plan: &self.plan,
+            names: &self.names,
+        });
+        if let Err(e) = self.dp.write_status(&doc) {
+            log::warn!("writing status: {e}");
+        }
+        *self.status.lock().unwrap_or_else(|p| p.into_inner()) = doc;
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+}

@@ -1,0 +1,118 @@
+//! What the agent keeps beside the pins: rule metadata that the maps cannot tell (saved
+//! after every change, so a restarted agent keeps ids stable and applies only the
+//! difference), adoption of what is pinned, and the run directory.
+
+#![forbid(unsafe_code)]
+
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::{io, AgentError};
+use crate::{
+    compile::{port_entries, Plan, RuleGrant, RuleInfo},
+    datapath::Datapath,
+};
+
+/// The default run directory for a pin directory in this network namespace, so agents of
+/// two namespaces (whose /sys/fs/bpf differ) never share one.
+pub fn default_run_dir(pin_dir: &Path) -> PathBuf {
+    let flat: String = pin_dir
+        .to_string_lossy()
+        .trim_matches('/')
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let netns = std::fs::read_link("/proc/self/ns/net")
+        .ok()
+        .and_then(|l| {
+            l.to_str().map(|s| {
+                s.trim_start_matches("net:[")
+                    .trim_end_matches(']')
+                    .to_string()
+            })
+        })
+        .unwrap_or_default();
+    PathBuf::from("/run/sg").join(format!("{flat}-{netns}"))
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct Metadata {
+    rules: Vec<(u32, RuleInfo)>,
+    grants: Vec<(u32, Vec<RuleGrant>)>,
+    interfaces: Vec<(u32, String)>,
+}
+
+/// The previous plan: what the maps hold, with the saved metadata when it matches them.
+pub(super) fn adopt(dp: &mut Datapath, run_dir: &Path) -> Result<Plan, AgentError> {
+    let mut plan = dp.tables().read_back()?;
+    let path = run_dir.join("plan.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(plan);
+    };
+    let Ok(meta) = serde_json::from_str::<Metadata>(&text) else {
+        log::warn!(
+            "{}: unreadable; rebuilding ids from the maps",
+            path.display()
+        );
+        return Ok(plan);
+    };
+    let rules: BTreeMap<u32, RuleInfo> = meta.rules.into_iter().collect();
+    let consistent = meta.grants.iter().all(|(id, grants)| {
+        let grants = grants.iter().copied().collect();
+        plan.rulesets
+            .get(id)
+            .is_some_and(|r| r.ports == port_entries(&grants, &rules))
+    }) && meta.grants.len() == plan.rulesets.len();
+    if !consistent {
+        log::warn!(
+            "{}: does not match the pinned maps; rebuilding ids from the maps",
+            path.display()
+        );
+        return Ok(plan);
+    }
+    for (id, grants) in meta.grants {
+        if let Some(r) = plan.rulesets.get_mut(&id) {
+            r.grants = grants.into_iter().collect();
+        }
+    }
+    for (ifindex, eni) in meta.interfaces {
+        if let Some(i) = plan.interfaces.get_mut(&ifindex) {
+            i.eni = eni;
+        }
+    }
+    plan.rules = rules;
+    Ok(plan)
+}
+
+pub(super) fn save_metadata(run_dir: &Path, plan: &Plan) -> Result<(), AgentError> {
+    let meta = Metadata {
+        rules: plan.rules.iter().map(|(id, r)| (*id, r.clone())).collect(),
+        grants: plan
+            .rulesets
+            .iter()
+            .map(|(id, r)| (*id, r.grants.iter().copied().collect()))
+            .collect(),
+        interfaces: plan
+            .interfaces
+            .iter()
+            .map(|(i, p)| (*i, p.eni.clone()))
+            .collect(),
+    };
+    let path = run_dir.join("plan.json");
+    let tmp = run_dir.join("plan.json.tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(
+            serde_json::to_string(&meta)
+                .map_err(std::io::Error::other)?
+                .as_bytes(),
+        )?;
+        std::fs::rename(&tmp, &path)
+    };
+    write().map_err(io(format!("saving {}", path.display())))
+}

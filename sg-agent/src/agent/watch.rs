@@ -1,0 +1,79 @@
+//! What wakes the agent: signals, inotify on the state file's directories, and the file's
+//! identity, which tells a real change from a spurious wake-up.
+
+#![forbid(unsafe_code)]
+
+use std::{path::Path, sync::mpsc};
+
+use super::{io, AgentError, Event};
+use crate::sys;
+
+/// Identity of a file's content: (device, inode, length, mtime seconds, nanoseconds).
+pub(super) type FileIdentity = (u64, u64, u64, i64, i64);
+
+pub(super) fn identity(path: &Path) -> Option<FileIdentity> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
+}
+
+pub(super) fn spawn_signals(tx: mpsc::Sender<Event>) -> Result<(), AgentError> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .map_err(io("installing signal handlers"))?;
+    std::thread::spawn(move || {
+        for sig in signals.forever() {
+            let ev = if sig == SIGHUP {
+                Event::Reload
+            } else {
+                Event::Stop
+            };
+            if tx.send(ev).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Watches the state file's directory with inotify: in-place writes (on close), renames
+/// over it and symlink swaps all show up there.
+pub(super) fn spawn_watcher(state: &Path, tx: mpsc::Sender<Event>) {
+    let dir = state
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let mut dirs = vec![dir];
+    if let Ok(target) = std::fs::canonicalize(state) {
+        if let Some(p) = target.parent() {
+            if !dirs.iter().any(|d| d == p) {
+                dirs.push(p.to_path_buf());
+            }
+        }
+    }
+    // The state file's name, and for a symlink every name on the way to the target.
+    let mut names: Vec<std::ffi::OsString> = state
+        .file_name()
+        .map(|n| n.to_os_string())
+        .into_iter()
+        .collect();
+    let mut link = state.to_path_buf();
+    for _ in 0..8 {
+        let Ok(target) = std::fs::read_link(&link) else {
+            break;
+        };
+        let target = if target.is_absolute() {
+            target
+        } else {
+            link.parent().unwrap_or(Path::new(".")).join(target)
+        };
+        names.extend(target.components().map(|c| c.as_os_str().to_os_string()));
+        link = target;
+    }
+    std::thread::spawn(move || {
+        if let Err(e) = sys::inotify_watch(&dirs, &names, || tx.send(Event::StateChanged).is_ok()) {
+            log::warn!("inotify unavailable ({e}); polling the state file every tick");
+        }
+    });
+}

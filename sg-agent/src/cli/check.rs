@@ -1,0 +1,157 @@
+//! `sg-agent validate` and `sg-agent explain`: what a state file says, without touching
+//! the system.
+
+#![forbid(unsafe_code)]
+
+use std::{net::IpAddr, path::PathBuf, process::ExitCode};
+
+use clap::Args;
+
+use super::EXIT_USAGE;
+use crate::{
+    eval::{self, Packet, Verdict},
+    model::{Direction, Protocol},
+    source,
+};
+
+#[derive(Args, Debug)]
+pub struct ExplainArgs {
+    #[arg(long)]
+    pub state: PathBuf,
+    /// Network interface id.
+    #[arg(long)]
+    pub eni: String,
+    #[arg(long, value_parser = ["ingress", "egress"])]
+    pub direction: String,
+    /// tcp, udp, icmp, icmpv6, all or a protocol number.
+    #[arg(long)]
+    pub protocol: String,
+    /// The other side: source for ingress, destination for egress.
+    #[arg(long)]
+    pub remote: IpAddr,
+    /// Destination port (TCP/UDP).
+    #[arg(long)]
+    pub port: Option<u16>,
+    #[arg(long)]
+    pub icmp_type: Option<u8>,
+    #[arg(long)]
+    pub icmp_code: Option<u8>,
+}
+
+pub(super) fn validate(path: &std::path::Path) -> ExitCode {
+    match source::load_file(path) {
+        Ok(l) => {
+            println!(
+                "OK {}: {} security groups, {} network interfaces, {} prefix lists (sha256 {})",
+                path.display(),
+                l.state.security_groups.len(),
+                l.state.network_interfaces.len(),
+                l.state.prefix_lists.len(),
+                l.sha256
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!("{}: {} error(s)", path.display(), e.problems.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub(super) fn explain(a: &ExplainArgs) -> ExitCode {
+    let loaded = match source::load_file(&a.state) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if loaded.state.interface(&a.eni).is_none() {
+        eprintln!("{}: no network interface {:?}", a.state.display(), a.eni);
+        return ExitCode::FAILURE;
+    }
+    let Some(protocol) = Protocol::parse(&a.protocol) else {
+        eprintln!(
+            "--protocol {:?}: use tcp, udp, icmp, icmpv6, all or a number 0-255",
+            a.protocol
+        );
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let direction = if a.direction == "ingress" {
+        Direction::Ingress
+    } else {
+        Direction::Egress
+    };
+    let number = match protocol {
+        Protocol::All => sg_common::PROTO_TCP,
+        Protocol::Number(n) => n,
+    };
+    let port = if protocol.is_icmp() {
+        let t = a.icmp_type.unwrap_or(if number == sg_common::PROTO_ICMP {
+            8
+        } else {
+            128
+        });
+        (t as u16) << 8 | a.icmp_code.unwrap_or(0) as u16
+    } else {
+        a.port.unwrap_or(0)
+    };
+    let packet = Packet {
+        direction,
+        protocol: number,
+        remote: a.remote,
+        port,
+    };
+    match eval::evaluate(&loaded.state, &a.eni, &packet, false) {
+        Verdict::Allow(m) => {
+            let peer_word = if direction == Direction::Ingress {
+                "from"
+            } else {
+                "to"
+            };
+            println!(
+                "ALLOW by {} ({}) {direction} rule #{}: {} {} {peer_word} {}{}{}",
+                m.group_id,
+                m.group_name,
+                m.rule_index,
+                m.rule.protocol,
+                m.rule.ports,
+                m.peer,
+                m.rule
+                    .description
+                    .as_deref()
+                    .map(|d| format!(" \"{d}\""))
+                    .unwrap_or_default(),
+                if m.untracked { " (untracked flow)" } else { "" }
+            );
+        }
+        Verdict::Deny => {
+            let groups = loaded
+                .state
+                .interface(&a.eni)
+                .map(|n| n.groups.join(", "))
+                .unwrap_or_default();
+            println!(
+                "DENY no {direction} rule of [{groups}] allows {} {} {}",
+                protocol,
+                a.remote,
+                port_text(protocol, port)
+            );
+        }
+        Verdict::NotEnforced => {
+            println!("ALLOW (not enforced: {} has no security groups; run with --default-deny to enforce it)", a.eni);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn port_text(protocol: Protocol, port: u16) -> String {
+    if protocol.is_icmp() {
+        format!("type {} code {}", port >> 8, port & 0xff)
+    } else if protocol.has_ports() {
+        format!("port {port}")
+    } else {
+        String::new()
+    }
+}

@@ -1,0 +1,98 @@
+//! The command line of SPEC §5. Machine output goes to stdout, logs and errors to stderr;
+//! bad usage exits 64 before anything on the system is touched. One file per command
+//! group: `run`, `check` (validate, explain), `inspect` (status, flows), `detach`.
+
+#![forbid(unsafe_code)]
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+mod check;
+mod detach;
+mod inspect;
+mod run;
+
+pub use check::ExplainArgs;
+pub use run::{Hook, RunArgs};
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sg";
+
+/// Exit code for bad usage (EX_USAGE).
+pub const EXIT_USAGE: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sg-agent",
+    version,
+    about = "AWS-style security groups enforced in the Linux kernel with eBPF",
+    long_about = "sg-agent enforces EC2 security groups on this host's interfaces: it compiles the \
+                  state file into BPF maps, attaches an ingress (XDP or TC) and a TC egress program \
+                  to every interface whose MAC address is in the state, and keeps the maps equal \
+                  to the state as it changes. Programs and maps stay in place when it exits."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Load, attach and enforce the state; watch it for changes until SIGINT/SIGTERM.
+    Run(RunArgs),
+    /// Check a state file: exit 0 when valid, else print every error and exit 1.
+    Validate {
+        /// State file (native TOML or AWS JSON).
+        #[arg(long)]
+        state: PathBuf,
+    },
+    /// Say whether the state allows a packet, and which rule allows it.
+    Explain(ExplainArgs),
+    /// What is enforced where, counters, last error, applied state checksum.
+    Status {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The conntrack table as flows.
+    Flows {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every program, link and pin the agent made.
+    Detach {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+}
+
+/// Parses arguments; help and version exit 0, bad usage 64.
+pub fn parse() -> Result<Cli, ExitCode> {
+    match Cli::try_parse() {
+        Ok(cli) => Ok(cli),
+        Err(e) => {
+            let _ = e.print();
+            Err(if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}
+
+pub fn main(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Validate { state } => check::validate(&state),
+        Command::Explain(args) => check::explain(&args),
+        Command::Run(args) => run::run(args),
+        Command::Status { pin_dir, json } => inspect::status(&pin_dir, json),
+        Command::Flows { pin_dir, json } => inspect::flows(&pin_dir, json),
+        Command::Detach { pin_dir } => detach::detach(&pin_dir),
+    }
+}

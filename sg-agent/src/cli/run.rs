@@ -1,0 +1,105 @@
+//! `sg-agent run`: validate the flags, then start the agent and run it until stopped.
+
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, ValueEnum};
+
+use super::DEFAULT_PIN_DIR;
+use crate::{
+    agent::{self, Agent, RunOptions},
+    datapath::{IngressHook, MapSizes},
+};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Hook {
+    Xdp,
+    Tc,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// State file (native TOML or AWS JSON); watched for changes.
+    #[arg(long)]
+    pub state: PathBuf,
+    /// Bind a local interface to a network interface of the state explicitly.
+    #[arg(long, value_name = "IFACE=ENI", value_parser = parse_attach)]
+    pub attach: Vec<(String, String)>,
+    /// Where maps and links are pinned (on a bpffs; mounted when missing).
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// Ingress hook: tc (default; keeps TSO/GRO on veth) or xdp (earliest drop).
+    #[arg(long, value_enum, default_value = "tc")]
+    pub ingress_hook: Hook,
+    /// Enforce interfaces that have no security groups (drop all but infrastructure).
+    #[arg(long)]
+    pub default_deny: bool,
+    /// Strict mode: drop tracked connections that a new policy no longer allows.
+    #[arg(long)]
+    pub revalidate: bool,
+    /// Serve GET /status and /metrics over HTTP on this address (off unless given).
+    #[arg(long, value_name = "ADDR")]
+    pub api: Option<std::net::SocketAddr>,
+    /// Directory for the agent's own files (default: /run/sg/<pin dir>).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Capacity of the established-connection table.
+    #[arg(long, default_value_t = sg_common::DEFAULT_CT_ENTRIES)]
+    pub conntrack_size: u32,
+    /// Capacity of the new-connection (embryonic) table.
+    #[arg(long, default_value_t = sg_common::DEFAULT_CT_NEW_ENTRIES)]
+    pub conntrack_new_size: u32,
+    /// Seconds between conntrack garbage collections.
+    #[arg(long, default_value_t = 10)]
+    pub gc_interval: u64,
+}
+
+fn parse_attach(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((i, e)) if !i.is_empty() && !e.is_empty() => Ok((i.to_string(), e.to_string())),
+        _ => Err(format!("{s:?}: expected IFACE=ENI_ID")),
+    }
+}
+
+pub(super) fn run(a: RunArgs) -> ExitCode {
+    let run_dir = a
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| agent::default_run_dir(&a.pin_dir));
+    let opts = RunOptions {
+        state: a.state,
+        attach: a.attach,
+        pin_dir: a.pin_dir,
+        run_dir,
+        hook: match a.ingress_hook {
+            Hook::Xdp => IngressHook::Xdp,
+            Hook::Tc => IngressHook::Tc,
+        },
+        default_deny: a.default_deny,
+        revalidate: a.revalidate,
+        api: a.api,
+        sizes: MapSizes {
+            conntrack: a.conntrack_size,
+            conntrack_new: a.conntrack_new_size,
+            ..MapSizes::default()
+        },
+        tick: Duration::from_millis(500),
+        gc_interval: Duration::from_secs(a.gc_interval.max(1)),
+    };
+    let agent = match Agent::start(opts) {
+        Ok(agent) => agent,
+        Err(e) => {
+            eprintln!("sg-agent: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match agent.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sg-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

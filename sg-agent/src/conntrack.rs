@@ -1,0 +1,120 @@
+//! The conntrack tables seen from user space: garbage collection of expired flows (the
+//! datapath already treats them as absent), strict-mode revalidation (SPEC §1.10), and
+//! flows as rows in security-group terms.
+
+#![forbid(unsafe_code)]
+
+use sg_common::{
+    ct, CtKey, DIR_INGRESS, ECHO_PORT_MARK, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+};
+
+use crate::{
+    compile::Plan,
+    datapath::{addr_of, direction_of, Datapath, DatapathError, FlowRow},
+    model::Protocol,
+    sys,
+};
+
+/// Deletes expired flows; returns how many.
+pub fn gc(dp: &mut Datapath, plan: &Plan) -> Result<usize, DatapathError> {
+    let offset = dp.global()?.clock_offset_ns;
+    let now = sys::boot_ns() + offset;
+    let mut expired = Vec::new();
+    for (key, entry, established) in dp.tables().flows()? {
+        let timeouts = plan
+            .interfaces
+            .get(&key.ifindex)
+            .map_or(ct::DEFAULT_TIMEOUTS, |i| i.config.timeouts);
+        let slot = ct::timeout_slot(key.protocol, entry.tcp_state, entry.flags);
+        if ct::is_expired(now, entry.last_seen_ns, timeouts[slot]) {
+            expired.push((key, established));
+        }
+    }
+    dp.delete_flows(&expired)
+}
+
+/// Strict mode (SPEC §1.10): drops tracked flows whose opening packet the plan no longer
+/// allows; returns how many.
+pub fn revalidate(dp: &mut Datapath, plan: &Plan) -> Result<usize, DatapathError> {
+    let mut stale = Vec::new();
+    for (key, entry, established) in dp.tables().flows()? {
+        if !plan.interfaces.contains_key(&key.ifindex) {
+            continue;
+        }
+        let (proto, port) = opening_port(&key, entry.origin);
+        let remote = addr_of(key.family, &key.remote);
+        if !plan
+            .lookup(key.ifindex, direction_of(entry.origin), remote, proto, port)
+            .allows()
+        {
+            stale.push((key, established));
+        }
+    }
+    dp.delete_flows(&stale)
+}
+
+/// Whether a flow key is an ICMP echo flow (identifier in `local_port`).
+fn is_echo(key: &CtKey) -> bool {
+    matches!(key.protocol, PROTO_ICMP | PROTO_ICMPV6)
+        && u16::from_be_bytes(key.remote_port) & ECHO_PORT_MARK != 0
+}
+
+/// The protocol and policy port of the packet that opened a tracked flow.
+pub fn opening_port(key: &CtKey, origin: u8) -> (u8, u16) {
+    let local = u16::from_be_bytes(key.local_port);
+    let remote = u16::from_be_bytes(key.remote_port);
+    let port = match key.protocol {
+        PROTO_TCP | PROTO_UDP => {
+            if origin == DIR_INGRESS {
+                local
+            } else {
+                remote
+            }
+        }
+        // Echo flows: the request (8 or 128), code 0.
+        PROTO_ICMP if is_echo(key) => 8 << 8,
+        PROTO_ICMPV6 if is_echo(key) => 128 << 8,
+        _ => 0,
+    };
+    (key.protocol, port)
+}
+
+pub fn tcp_state_name(s: u8) -> &'static str {
+    match s {
+        ct::TCP_SYN_SENT => "syn_sent",
+        ct::TCP_SYN_RECV => "syn_received",
+        ct::TCP_ESTABLISHED => "established",
+        ct::TCP_FIN_WAIT => "fin_wait",
+        ct::TCP_TIME_WAIT => "time_wait",
+        ct::TCP_CLOSE => "close",
+        _ => "",
+    }
+}
+
+/// A flow as `sg-agent flows --json` prints it; `now` is the boot clock.
+pub fn flow_json((k, e, established): &FlowRow, now: u64) -> serde_json::Value {
+    let echo = is_echo(k);
+    let port = |p: [u8; 2]| -> serde_json::Value {
+        if echo {
+            serde_json::Value::Null
+        } else {
+            u16::from_be_bytes(p).into()
+        }
+    };
+    serde_json::json!({
+        "ifindex": k.ifindex,
+        "protocol": Protocol::Number(k.protocol).to_string(),
+        "local": addr_of(k.family, &k.local).to_string(),
+        "local_port": port(k.local_port),
+        "remote": addr_of(k.family, &k.remote).to_string(),
+        "remote_port": port(k.remote_port),
+        "icmp_id": if echo { u16::from_be_bytes(k.local_port).into() } else { serde_json::Value::Null },
+        "origin": if e.origin == DIR_INGRESS { "ingress" } else { "egress" },
+        "tcp_state": tcp_state_name(e.tcp_state),
+        "assured": established,
+        "packets": { "ingress": e.packets[0], "egress": e.packets[1] },
+        "bytes": { "ingress": e.bytes[0], "egress": e.bytes[1] },
+        "rule_id": e.rule_id,
+        "idle_seconds": now.saturating_sub(e.last_seen_ns) / 1_000_000_000,
+    })
+}

@@ -1,0 +1,278 @@
+//! The datapath: load the eBPF object, write plans into its maps in the order the compiler
+//! gives, attach the programs, read tables back. The only module that touches aya.
+//!
+//! Rooms: this file (loading, sizes, errors), `plan` (map operations ↔ map entries),
+//! `attach` (the one attach path), `pins` (link names, pinned layouts, detach) and
+//! `tables` (every reader, written once for loaded and pinned maps).
+
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    maps::{Array, MapData, MapError},
+    programs::{links::FdLink, ProgramError, SchedClassifier, Xdp},
+    Ebpf, EbpfError, EbpfLoader,
+};
+use sg_common::{
+    registry::{self, MapSpec, Sizing},
+    GlobalConfig, StatusBlob, MAP_GLOBAL, MAP_STATUS, PROG_TC_EGRESS, PROG_TC_INGRESS,
+    PROG_XDP_INGRESS, STATUS_BYTES,
+};
+
+mod attach;
+mod pins;
+mod plan;
+mod tables;
+
+pub use pins::{
+    detach, link_name, links_dir, pinned_link_ifindexes, registry_table, unpin_interface,
+    unpin_link, Detached,
+};
+pub use tables::{addr_of, direction_of, FlowRow, Tables};
+
+/// The eBPF object built by `cargo xtask build-ebpf`, embedded at build time (an empty
+/// stub when the agent was built without it).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sg-ebpf.o"));
+
+/// SHA-256 of the embedded eBPF object (empty when it is the stub).
+pub fn object_sha256() -> String {
+    crate::source::sha256_hex(OBJECT)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("this sg-agent was built without its eBPF object; build it with `cargo xtask build`")]
+    NoObject,
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("attaching to {iface}: {source}")]
+    Attach {
+        iface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("link on {iface}: {source}")]
+    Link {
+        iface: String,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("pinned map {path} has another layout ({found}; this agent needs {expected}); run `sg-agent detach` first")]
+    Layout {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error("{what} {path}: {source}")]
+    Pin {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> DatapathError {
+    move |source| DatapathError::Program { name, source }
+}
+
+/// Map capacities chosen at load time; each sizes the maps whose spec names it.
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    pub conntrack: u32,
+    pub conntrack_new: u32,
+    pub addresses: u32,
+    pub networks: u32,
+    pub ports: u32,
+    pub interfaces: u32,
+    pub rules: u32,
+    pub fragments: u32,
+}
+
+impl MapSizes {
+    /// The capacity of a map of this sizing (None: fixed by its spec).
+    pub fn of(&self, sizing: Sizing) -> Option<u32> {
+        Some(match sizing {
+            Sizing::Fixed => return None,
+            Sizing::Conntrack => self.conntrack,
+            Sizing::ConntrackNew => self.conntrack_new,
+            Sizing::Addresses => self.addresses,
+            Sizing::Networks => self.networks,
+            Sizing::Ports => self.ports,
+            Sizing::Interfaces => self.interfaces,
+            Sizing::Rules => self.rules,
+            Sizing::Fragments => self.fragments,
+        })
+    }
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        MapSizes {
+            conntrack: registry::CT.max_entries,
+            conntrack_new: registry::CT_NEW.max_entries,
+            addresses: registry::ADDR4.max_entries,
+            networks: registry::NET4.max_entries,
+            ports: registry::PORTS.max_entries,
+            interfaces: registry::IFACE.max_entries,
+            rules: registry::RULE_HITS.max_entries,
+            fragments: registry::FRAGS.max_entries,
+        }
+    }
+}
+
+/// Which program enforces ingress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum IngressHook {
+    Xdp,
+    #[default]
+    Tc,
+}
+
+/// The loaded programs and maps, and the links this process holds without pinning them.
+pub struct Datapath {
+    ebpf: Ebpf,
+    /// Links attached without a pin directory (tests): they go with the Datapath.
+    links: Vec<FdLink>,
+}
+
+impl Datapath {
+    /// Loads the embedded object with `sizes` and loads (verifies) every program.
+    pub fn load(sizes: &MapSizes) -> Result<Datapath> {
+        Self::load_with(OBJECT, sizes, None)
+    }
+
+    /// Loads the embedded object reusing the maps pinned under `pin_dir` (after checking
+    /// their layout), creating and pinning those that are missing.
+    pub fn open_pinned(sizes: &MapSizes, pin_dir: &Path) -> Result<Datapath> {
+        pins::check_layouts(pin_dir)?;
+        Self::load_with(OBJECT, sizes, Some(pin_dir))
+    }
+
+    fn load_with(object: &[u8], sizes: &MapSizes, pin_dir: Option<&Path>) -> Result<Datapath> {
+        if object.is_empty() {
+            return Err(DatapathError::NoObject);
+        }
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&'static str, PathBuf)> = match pin_dir {
+            Some(dir) => registry::MAPS
+                .iter()
+                .map(|m| (m.name, dir.join(m.name)))
+                .collect(),
+            None => vec![],
+        };
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        for spec in &registry::MAPS {
+            if let Some(n) = sizes.of(spec.sizing) {
+                loader.map_max_entries(spec.name, n);
+            }
+        }
+        let mut ebpf = loader.load(object)?;
+        let xdp: &mut Xdp = program(&mut ebpf, PROG_XDP_INGRESS)?;
+        xdp.load().map_err(prog_err(PROG_XDP_INGRESS))?;
+        for name in [PROG_TC_INGRESS, PROG_TC_EGRESS] {
+            let p: &mut SchedClassifier = program(&mut ebpf, name)?;
+            p.load().map_err(prog_err(name))?;
+        }
+        let mut dp = Datapath {
+            ebpf,
+            links: Vec::new(),
+        };
+        let adopted =
+            pin_dir.is_some_and(|_| dp.global().is_ok_and(|g| g.deny_events_per_sec != 0));
+        if !adopted {
+            dp.set_global(GlobalConfig {
+                clock_offset_ns: 0,
+                deny_events_per_sec: 100,
+                flags: 0,
+            })?;
+        }
+        Ok(dp)
+    }
+
+    pub fn ebpf(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// The readers, over this object's maps.
+    pub fn tables(&self) -> Tables<'_> {
+        Tables::Loaded(&self.ebpf)
+    }
+
+    pub fn xdp_ingress(&mut self) -> Result<&mut Xdp> {
+        program(&mut self.ebpf, PROG_XDP_INGRESS)
+    }
+
+    pub fn tc(&mut self, name: &'static str) -> Result<&mut SchedClassifier> {
+        program(&mut self.ebpf, name)
+    }
+
+    pub fn set_global(&mut self, g: GlobalConfig) -> Result<()> {
+        let mut a: Array<&mut MapData, GlobalConfig> = self.map(&registry::GLOBAL)?;
+        a.set(0, g, 0).map_err(map_err(MAP_GLOBAL))
+    }
+
+    pub fn global(&self) -> Result<GlobalConfig> {
+        self.tables().global()
+    }
+
+    fn map<'a, T>(&'a mut self, spec: &'static MapSpec) -> Result<T>
+    where
+        T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
+    {
+        let m = self
+            .ebpf
+            .map_mut(spec.name)
+            .ok_or(DatapathError::MissingMap(spec.name))?;
+        T::try_from(m).map_err(map_err(spec.name))
+    }
+
+    /// Writes the agent's status document into `SG_STATUS`.
+    pub fn write_status(&mut self, json: &str) -> Result<()> {
+        let mut blob = Box::new(StatusBlob {
+            len: 0,
+            data: [0; STATUS_BYTES],
+        });
+        let bytes = json.as_bytes();
+        let n = bytes.len().min(STATUS_BYTES);
+        blob.data[..n].copy_from_slice(&bytes[..n]);
+        blob.len = n as u32;
+        let mut a: Array<&mut MapData, StatusBlob> = self.map(&registry::STATUS)?;
+        a.set(0, *blob, 0).map_err(map_err(MAP_STATUS))
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let p = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingProgram(name))?;
+    p.try_into().map_err(prog_err(name))
+}

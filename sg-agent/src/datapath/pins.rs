@@ -1,0 +1,197 @@
+//! What lives on the bpffs: map pins (checked against the registry before adoption), link
+//! pins named `<ifindex>-<kind>` under `links/`, and detaching all or one interface.
+
+#![forbid(unsafe_code)]
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{MapData, MapType},
+    programs::links::{FdLink, PinnedLink},
+};
+use sg_common::{
+    link_kind,
+    registry::{self, MapKind},
+};
+
+use super::{map_err, DatapathError, Result};
+
+/// The link pins' directory under a pin directory.
+pub fn links_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("links")
+}
+
+/// Names of link pins: `<ifindex>-xdp`, `<ifindex>-tcin`, `<ifindex>-tcout`.
+pub fn link_name(ifindex: u32, kind: &str) -> String {
+    format!("{ifindex}-{kind}")
+}
+
+/// The ifindexes that have a link pinned under `links`.
+pub fn pinned_link_ifindexes(links: &Path) -> BTreeSet<u32> {
+    std::fs::read_dir(links)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.split('-').next()?.parse().ok())
+        })
+        .collect()
+}
+
+pub(super) fn pinned_link(path: &Path) -> Result<Option<FdLink>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    match PinnedLink::from_pin(path) {
+        Ok(l) => Ok(Some(FdLink::from(l))),
+        Err(e) => Err(DatapathError::Pin {
+            what: "opening pinned link",
+            path: path.into(),
+            source: std::io::Error::other(e.to_string()),
+        }),
+    }
+}
+
+pub(super) fn pin_link(link: FdLink, path: &Path) -> Result<()> {
+    link.pin(path).map(drop).map_err(|e| DatapathError::Pin {
+        what: "pinning link",
+        path: path.into(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
+/// Removes a link pin; the kernel detaches the program when the last reference goes.
+pub fn unpin_link(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DatapathError::Pin {
+            what: "removing link pin",
+            path: path.into(),
+            source,
+        }),
+    }
+}
+
+/// Removes the link pins of one interface (all kinds).
+pub fn unpin_interface(links: &Path, ifindex: u32) -> Result<()> {
+    for kind in link_kind::ALL {
+        unpin_link(&links.join(link_name(ifindex, kind)))?;
+    }
+    Ok(())
+}
+
+fn map_type(kind: MapKind) -> MapType {
+    match kind {
+        MapKind::Hash => MapType::Hash,
+        MapKind::LruHash => MapType::LruHash,
+        MapKind::LpmTrie => MapType::LpmTrie,
+        MapKind::Array => MapType::Array,
+        MapKind::PerCpuArray => MapType::PerCpuArray,
+        MapKind::RingBuf => MapType::RingBuf,
+    }
+}
+
+/// Refuses to adopt pinned maps whose layout differs from the registry's.
+pub(super) fn check_layouts(pin_dir: &Path) -> Result<()> {
+    for spec in &registry::MAPS {
+        let path = pin_dir.join(spec.name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapData::from_pin(&path)
+            .and_then(|m| m.info())
+            .map_err(map_err(spec.name))?;
+        let found_kind = info.map_type().map_err(map_err(spec.name))?;
+        let kind = map_type(spec.kind);
+        if found_kind != kind
+            || info.key_size() != spec.key_size
+            || info.value_size() != spec.value_size
+        {
+            return Err(DatapathError::Layout {
+                path,
+                found: format!(
+                    "{found_kind:?} key {} value {}",
+                    info.key_size(),
+                    info.value_size()
+                ),
+                expected: format!("{kind:?} key {} value {}", spec.key_size, spec.value_size),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What `detach` removed, and what it could not.
+#[derive(Debug, Default)]
+pub struct Detached {
+    pub removed: usize,
+    pub errors: Vec<String>,
+}
+
+/// Removes every link and map pin under `pin_dir`, then the directory.
+pub fn detach(pin_dir: &Path) -> Detached {
+    let mut out = Detached::default();
+    let links = links_dir(pin_dir);
+    for entry in std::fs::read_dir(&links).into_iter().flatten().flatten() {
+        match unpin_link(&entry.path()) {
+            Ok(()) => out.removed += 1,
+            Err(e) => out.errors.push(e.to_string()),
+        }
+    }
+    let _ = std::fs::remove_dir(&links);
+    for spec in &registry::MAPS {
+        let p = pin_dir.join(spec.name);
+        if p.exists() {
+            match std::fs::remove_file(&p) {
+                Ok(()) => out.removed += 1,
+                Err(e) => out.errors.push(format!("removing {}: {e}", p.display())),
+            }
+        }
+    }
+    if let Err(e) = std::fs::remove_dir(pin_dir) {
+        out.errors
+            .push(format!("removing {}: {e}", pin_dir.display()));
+    }
+    out
+}
+
+/// The registry as the Markdown table docs/design.md carries (a test keeps them equal).
+pub fn registry_table() -> String {
+    let mut out = String::from(
+        "| map | kind | key | value | default entries | written by | holds |\n| --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for m in &registry::MAPS {
+        out += &format!(
+            "| `{}` | {} | {} | {} | {} | {} | {} |\n",
+            m.name,
+            m.kind.name(),
+            m.key_size,
+            m.value_size,
+            m.max_entries,
+            m.writer.name(),
+            m.holds
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_design_doc_carries_the_registry_table() {
+        let doc =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/design.md"))
+                .expect("docs/design.md");
+        let table = super::registry_table();
+        assert!(
+            doc.contains(&table),
+            "docs/design.md must carry the registry's table as it is now:\n{table}"
+        );
+    }
+}

@@ -1,0 +1,262 @@
+//! Map operations ↔ map entries: the compiler's `MapOp`s written into the maps in the
+//! order given, and the keys of the address stage built (and read back) by one trait for
+//! both families.
+
+#![forbid(unsafe_code)]
+
+use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues};
+use sg_common::{
+    registry::{self, MapSpec},
+    Addr4Key, Addr6Key, Counters, CtEntry, CtKey, Grant, IfaceConfig, Net4Data, Net6Data, PortData,
+    RulesetRef, NET_KEY_FIXED_BITS,
+};
+
+use super::{map_err, tables::direction_of, Datapath, DatapathError, Result};
+use crate::{
+    compile::{MapOp, PortPrefix, PrefixKey},
+    net::{Cidr, Family},
+};
+
+/// A key of the address stage: exact addresses (hash) or CIDRs (LPM trie), per family.
+pub(super) trait AddressKey: aya::Pod {
+    /// The map the key belongs in.
+    const SPEC: &'static MapSpec;
+    /// The key of `key`'s interface, direction and address (network order).
+    fn new(key: &PrefixKey) -> Self;
+    /// Back to a prefix key: `len` is the CIDR length of a trie entry (None: a host).
+    fn prefix(&self, len: Option<u32>) -> PrefixKey;
+}
+
+fn prefix_key(ifindex: u32, direction: u8, addr: std::net::IpAddr, len: Option<u32>) -> PrefixKey {
+    let full = if addr.is_ipv4() { 32 } else { 128 };
+    PrefixKey {
+        ifindex,
+        direction: direction_of(direction),
+        cidr: Cidr::truncate(addr, len.unwrap_or(full) as u8),
+    }
+}
+
+fn v4(key: &PrefixKey) -> [u8; 4] {
+    key.cidr.bytes()[..4].try_into().expect("4 bytes")
+}
+
+impl AddressKey for Addr4Key {
+    const SPEC: &'static MapSpec = &registry::ADDR4;
+    fn new(key: &PrefixKey) -> Self {
+        Addr4Key {
+            ifindex: key.ifindex,
+            direction: key.direction.code(),
+            _pad: [0; 3],
+            addr: v4(key),
+        }
+    }
+    fn prefix(&self, len: Option<u32>) -> PrefixKey {
+        prefix_key(self.ifindex, self.direction, self.addr.into(), len)
+    }
+}
+
+impl AddressKey for Addr6Key {
+    const SPEC: &'static MapSpec = &registry::ADDR6;
+    fn new(key: &PrefixKey) -> Self {
+        Addr6Key {
+            ifindex: key.ifindex,
+            direction: key.direction.code(),
+            _pad: [0; 3],
+            addr: key.cidr.bytes(),
+        }
+    }
+    fn prefix(&self, len: Option<u32>) -> PrefixKey {
+        prefix_key(self.ifindex, self.direction, self.addr.into(), len)
+    }
+}
+
+impl AddressKey for Net4Data {
+    const SPEC: &'static MapSpec = &registry::NET4;
+    fn new(key: &PrefixKey) -> Self {
+        Net4Data {
+            ifindex: key.ifindex.to_be_bytes(),
+            direction: key.direction.code(),
+            _pad: [0; 3],
+            addr: v4(key),
+        }
+    }
+    fn prefix(&self, len: Option<u32>) -> PrefixKey {
+        prefix_key(
+            u32::from_be_bytes(self.ifindex),
+            self.direction,
+            self.addr.into(),
+            len,
+        )
+    }
+}
+
+impl AddressKey for Net6Data {
+    const SPEC: &'static MapSpec = &registry::NET6;
+    fn new(key: &PrefixKey) -> Self {
+        Net6Data {
+            ifindex: key.ifindex.to_be_bytes(),
+            direction: key.direction.code(),
+            _pad: [0; 3],
+            addr: key.cidr.bytes(),
+        }
+    }
+    fn prefix(&self, len: Option<u32>) -> PrefixKey {
+        prefix_key(
+            u32::from_be_bytes(self.ifindex),
+            self.direction,
+            self.addr.into(),
+            len,
+        )
+    }
+}
+
+impl Datapath {
+    /// Applies map operations in the order given (the compiler's diff order).
+    pub fn apply(&mut self, ops: &[MapOp]) -> Result<()> {
+        for op in ops {
+            self.apply_one(op)?;
+        }
+        Ok(())
+    }
+
+    fn apply_one(&mut self, op: &MapOp) -> Result<()> {
+        match op {
+            MapOp::PutInterface {
+                ifindex,
+                plan,
+                fresh,
+            } => {
+                // A newly enforced interface starts from zero in its counter slot.
+                if *fresh {
+                    let mut counters: PerCpuArray<&mut MapData, Counters> =
+                        self.map(&registry::COUNTERS)?;
+                    counters
+                        .set(plan.config.counter_slot, per_cpu_zero()?, 0)
+                        .map_err(map_err(registry::COUNTERS.name))?;
+                }
+                let mut m: HashMap<&mut MapData, u32, IfaceConfig> = self.map(&registry::IFACE)?;
+                m.insert(ifindex, plan.config, 0)
+                    .map_err(map_err(registry::IFACE.name))
+            }
+            MapOp::DeleteInterface { ifindex } => {
+                let mut m: HashMap<&mut MapData, u32, IfaceConfig> = self.map(&registry::IFACE)?;
+                ignore_missing(m.remove(ifindex)).map_err(map_err(registry::IFACE.name))
+            }
+            MapOp::PutPort {
+                ruleset,
+                prefix,
+                grant,
+            } => {
+                let mut m: LpmTrie<&mut MapData, PortData, Grant> = self.map(&registry::PORTS)?;
+                m.insert(&port_key(*ruleset, prefix), grant, 0)
+                    .map_err(map_err(registry::PORTS.name))
+            }
+            MapOp::DeletePort { ruleset, prefix } => {
+                let mut m: LpmTrie<&mut MapData, PortData, Grant> = self.map(&registry::PORTS)?;
+                ignore_missing(m.remove(&port_key(*ruleset, prefix)))
+                    .map_err(map_err(registry::PORTS.name))
+            }
+            MapOp::PutPrefix { key, ruleset } => self.put_prefix(key, Some(*ruleset)),
+            MapOp::DeletePrefix { key } => self.put_prefix(key, None),
+        }
+    }
+
+    /// Puts (or with None deletes) the ruleset of an address-stage prefix: hosts in the
+    /// exact table, the rest in the trie, of the prefix's family.
+    fn put_prefix(&mut self, key: &PrefixKey, ruleset: Option<u32>) -> Result<()> {
+        let value = ruleset.map(|ruleset| RulesetRef { ruleset });
+        match (key.cidr.family(), key.cidr.is_host()) {
+            (Family::V4, true) => self.put_exact::<Addr4Key>(key, value),
+            (Family::V6, true) => self.put_exact::<Addr6Key>(key, value),
+            (Family::V4, false) => self.put_network::<Net4Data>(key, value),
+            (Family::V6, false) => self.put_network::<Net6Data>(key, value),
+        }
+    }
+
+    fn put_exact<K: AddressKey>(
+        &mut self,
+        key: &PrefixKey,
+        value: Option<RulesetRef>,
+    ) -> Result<()> {
+        let mut m: HashMap<&mut MapData, K, RulesetRef> = self.map(K::SPEC)?;
+        let k = K::new(key);
+        match value {
+            Some(v) => m.insert(k, v, 0),
+            None => ignore_missing(m.remove(&k)),
+        }
+        .map_err(map_err(K::SPEC.name))
+    }
+
+    fn put_network<K: AddressKey>(
+        &mut self,
+        key: &PrefixKey,
+        value: Option<RulesetRef>,
+    ) -> Result<()> {
+        let mut m: LpmTrie<&mut MapData, K, RulesetRef> = self.map(K::SPEC)?;
+        let k = Key::new(NET_KEY_FIXED_BITS + key.cidr.len() as u32, K::new(key));
+        match value {
+            Some(v) => m.insert(&k, v, 0),
+            None => ignore_missing(m.remove(&k)),
+        }
+        .map_err(map_err(K::SPEC.name))
+    }
+}
+
+fn per_cpu_zero<T: aya::Pod + Default + Clone>() -> Result<PerCpuValues<T>> {
+    let io = |call, io_error| DatapathError::Map {
+        name: registry::COUNTERS.name,
+        source: MapError::SyscallError(aya::sys::SyscallError { call, io_error }),
+    };
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| io("nr_cpus", e))?;
+    PerCpuValues::try_from(vec![T::default(); cpus]).map_err(|e| io("per_cpu_values", e))
+}
+
+/// Deleting what is already gone is done.
+pub(super) fn ignore_missing(
+    r: std::result::Result<(), MapError>,
+) -> std::result::Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+fn port_key(ruleset: u32, prefix: &PortPrefix) -> Key<PortData> {
+    Key::new(
+        prefix.len,
+        PortData {
+            ruleset: ruleset.to_be_bytes(),
+            protocol: prefix.protocol,
+            port: prefix.port.to_be_bytes(),
+            _pad: 0,
+        },
+    )
+}
+
+impl Datapath {
+    /// Deletes flows from the table each names (established or not); returns how many.
+    pub fn delete_flows(&mut self, keys: &[(CtKey, bool)]) -> Result<usize> {
+        let mut n = 0;
+        for (established, spec) in [(true, &registry::CT), (false, &registry::CT_NEW)] {
+            let mut m: HashMap<&mut MapData, CtKey, CtEntry> = self.map(spec)?;
+            for (k, e) in keys {
+                if *e == established && m.remove(k).is_ok() {
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Removes every flow from both conntrack tables.
+    pub fn flush_flows(&mut self) -> Result<()> {
+        let keys: Vec<(CtKey, bool)> = self
+            .tables()
+            .flows()?
+            .into_iter()
+            .map(|(k, _, established)| (k, established))
+            .collect();
+        self.delete_flows(&keys).map(drop)
+    }
+}

@@ -1,0 +1,157 @@
+//! The status document and the metrics, shared by `api` and `cli`: what the running agent
+//! writes into `SG_STATUS`, what `sg-agent status` assembles from the pins, and the
+//! counters as rows and as Prometheus text.
+
+#![forbid(unsafe_code)]
+
+use std::{collections::BTreeMap, path::Path};
+
+use sg_common::{counter, ct, drop_reason, Counters, DIR_EGRESS, DIR_INGRESS};
+
+use crate::{
+    compile::Plan,
+    datapath::{DatapathError, IngressHook, Tables},
+    source::LoadedState,
+    sys,
+};
+
+/// What the running agent reports about itself.
+pub struct AgentView<'a> {
+    pub state_path: &'a Path,
+    pub applied: Option<&'a LoadedState>,
+    pub last_error: Option<&'a str>,
+    pub hook: IngressHook,
+    pub default_deny: bool,
+    pub revalidate: bool,
+    pub plan: &'a Plan,
+    /// Interface names by ifindex.
+    pub names: &'a BTreeMap<u32, String>,
+}
+
+/// The agent's status document (JSON), written into `SG_STATUS` and served on `/status`.
+pub fn agent_document(v: &AgentView<'_>) -> String {
+    let interfaces: Vec<_> = v
+        .plan
+        .interfaces
+        .iter()
+        .map(|(ifindex, p)| {
+            serde_json::json!({
+                "ifindex": ifindex,
+                "name": v.names.get(ifindex),
+                "network_interface": p.eni,
+                "groups": v.applied.and_then(|s| s.state.interface(&p.eni)).map(|n| n.groups.clone()).unwrap_or_default(),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "agent_pid": std::process::id(),
+        "state_path": v.state_path,
+        "applied_state_sha256": v.applied.map(|s| s.sha256.clone()),
+        "last_error": v.last_error,
+        "ingress_hook": format!("{:?}", v.hook).to_lowercase(),
+        "default_deny": v.default_deny,
+        "revalidate": v.revalidate,
+        "interfaces": interfaces,
+        "rules": v.plan.rules.len(),
+        "rulesets": v.plan.rulesets.len(),
+        "prefixes": v.plan.prefixes.len(),
+        "updated_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+    })
+    .to_string()
+}
+
+/// (direction, counter name, value) for every counter slot with a name.
+pub fn counter_rows(c: &Counters) -> Vec<(&'static str, String, u64)> {
+    let mut rows = Vec::new();
+    for (dir, dname) in [(DIR_INGRESS, "ingress"), (DIR_EGRESS, "egress")] {
+        for (slot, name) in counter::NAMES.iter().enumerate() {
+            rows.push((
+                dname,
+                name.to_string(),
+                c.v[Counters::index(dir, slot as u32)],
+            ));
+        }
+        for reason in 1..drop_reason::COUNT {
+            let name = format!("dropped_{}", drop_reason::NAMES[reason as usize]);
+            rows.push((
+                dname,
+                name,
+                c.v[Counters::index(dir, counter::drop_slot(reason))],
+            ));
+        }
+    }
+    rows
+}
+
+/// The status of the agent whose pins are under `pin_dir`, whether it runs or not: its
+/// own document and, per enforced interface, the counters and timeouts in the maps.
+pub fn pinned_document(pin_dir: &Path) -> Result<serde_json::Value, DatapathError> {
+    let tables = Tables::Pinned(pin_dir);
+    let doc: serde_json::Value = tables
+        .status_document()?
+        .and_then(|d| serde_json::from_str(&d).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let names: BTreeMap<u32, String> = sys::interfaces()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|h| (h.ifindex, h.name))
+        .collect();
+    let interfaces: Vec<serde_json::Value> = tables
+        .interfaces()?
+        .iter()
+        .map(|(ifindex, (config, counters))| {
+            let mut by_dir = serde_json::Map::new();
+            for (dir, name, value) in counter_rows(counters) {
+                by_dir
+                    .entry(dir)
+                    .or_insert_with(|| serde_json::json!({}))
+                    .as_object_mut()
+                    .expect("object")
+                    .insert(name, value.into());
+            }
+            let eni = doc["interfaces"]
+                .as_array()
+                .and_then(|a| a.iter().find(|i| i["ifindex"] == *ifindex))
+                .map(|i| i["network_interface"].clone())
+                .unwrap_or(serde_json::Value::Null);
+            let timeouts: serde_json::Map<String, serde_json::Value> = ct::TIMEOUT_NAMES
+                .iter()
+                .zip(config.timeouts.iter())
+                .map(|(n, v)| (n.to_string(), (*v).into()))
+                .collect();
+            serde_json::json!({
+                "ifindex": ifindex,
+                "name": names.get(ifindex),
+                "network_interface": eni,
+                "counters": by_dir,
+                "timeouts": timeouts,
+            })
+        })
+        .collect();
+    let agent_running = doc["agent_pid"]
+        .as_u64()
+        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+    Ok(serde_json::json!({
+        "pin_dir": pin_dir,
+        "agent_running": agent_running,
+        "applied_state_sha256": doc["applied_state_sha256"],
+        "state_path": doc["state_path"],
+        "last_error": doc["last_error"],
+        "ingress_hook": doc["ingress_hook"],
+        "interfaces": interfaces,
+        "agent": doc,
+    }))
+}
+
+/// Counters of every enforced interface in Prometheus text format.
+pub fn metrics(pin_dir: &Path) -> String {
+    let mut out = String::from("# TYPE sg_packets_total counter\n");
+    if let Ok(ifaces) = Tables::Pinned(pin_dir).interfaces() {
+        for (ifindex, (_, counters)) in ifaces {
+            for (direction, name, value) in counter_rows(&counters) {
+                out += &format!("sg_packets_total{{ifindex=\"{ifindex}\",direction=\"{direction}\",counter=\"{name}\"}} {value}\n");
+            }
+        }
+    }
+    out
+}

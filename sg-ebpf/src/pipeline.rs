@@ -1,0 +1,180 @@
+//! The policy path every hook shares, per packet: parse (fail closed) → infrastructure and
+//! non-IP pass → fragments follow their first fragment → related ICMP errors → conntrack
+//! → on a miss, policy (a constant number of lookups) → open a flow unless the grant makes
+//! it untracked. Counters are taken where the decision is made.
+
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_SHOT},
+    helpers::generated::bpf_ktime_get_boot_ns,
+};
+use sg_common::{counter, drop_reason, *};
+
+use crate::{
+    account::{count, event, rule_hit},
+    conntrack::{self, echo_kind, Track},
+    fragment,
+    maps::{SG_GLOBAL, SG_IFACE},
+    parse::{self, Frame, Ip, Parsed, FRAG_FIRST, FRAG_LATER},
+    policy,
+};
+
+/// Why a packet is not passed. Every kind is counted by its drop reason where it is found.
+#[derive(Clone, Copy)]
+pub enum Drop {
+    /// It could not be parsed with certainty (SPEC §2).
+    Malformed,
+    /// Policy, conntrack capacity or fragment state refuses it.
+    Denied,
+}
+
+impl Drop {
+    /// The one place that decides what each kind does on XDP: every kind drops.
+    #[inline(always)]
+    pub fn xdp_action(self) -> u32 {
+        match self {
+            Drop::Malformed | Drop::Denied => xdp_action::XDP_DROP,
+        }
+    }
+
+    /// The same on TC: every kind is shot.
+    #[inline(always)]
+    pub fn tc_action(self) -> i32 {
+        match self {
+            Drop::Malformed | Drop::Denied => TC_ACT_SHOT,
+        }
+    }
+}
+
+#[inline(always)]
+fn passes(pass: bool) -> Result<(), Drop> {
+    if pass {
+        Ok(())
+    } else {
+        Err(Drop::Denied)
+    }
+}
+
+#[inline(always)]
+fn now_ns() -> (u64, u32) {
+    // SAFETY: helper without arguments.
+    let boot = unsafe { bpf_ktime_get_boot_ns() };
+    match SG_GLOBAL.get(0) {
+        Some(g) => (boot.wrapping_add(g.clock_offset_ns), g.deny_events_per_sec),
+        None => (boot, 0),
+    }
+}
+
+/// The verdict for one packet: `Ok` passes it.
+#[inline(always)]
+pub fn process(f: &impl Frame, dir: u8) -> Result<(), Drop> {
+    let ifindex = f.ifindex();
+    // SAFETY: read-only lookup of a plain-old-data value.
+    let Some(cfg) = (unsafe { SG_IFACE.get(&ifindex) }) else {
+        // Not an enforced interface (the agent detaches before forgetting one).
+        return Ok(());
+    };
+    let ip = match parse::parse(f) {
+        Ok(Parsed::Ip(ip)) => ip,
+        Ok(Parsed::NotIp { arp }) => {
+            count(
+                cfg.counter_slot,
+                dir,
+                if arp {
+                    counter::INFRASTRUCTURE
+                } else {
+                    counter::NOT_IP
+                },
+            );
+            return Ok(());
+        }
+        Err(reason) => {
+            count(cfg.counter_slot, dir, counter::drop_slot(reason));
+            return Err(Drop::Malformed);
+        }
+    };
+    if ip.frag == FRAG_LATER {
+        return passes(fragment::later(cfg.counter_slot, ifindex, dir, &ip));
+    }
+    if parse::is_infrastructure(&ip) {
+        count(cfg.counter_slot, dir, counter::INFRASTRUCTURE);
+        return Ok(());
+    }
+    let pass = decide(f, cfg, ifindex, dir, &ip);
+    if ip.frag == FRAG_FIRST {
+        fragment::remember(ifindex, &ip, pass);
+    }
+    passes(pass)
+}
+
+#[inline(always)]
+fn decide(f: &impl Frame, cfg: &IfaceConfig, ifindex: u32, dir: u8, ip: &Ip) -> bool {
+    let (now, deny_rate) = now_ns();
+    if parse::is_icmp_error(ip.family, ip.protocol, ip.l4.icmp_type) {
+        // The quoted packet travelled the other way; it names the flow it is about.
+        if let Ok(inner) = parse::parse_embedded(f, ip) {
+            if conntrack::exists(&conntrack::key_of(ifindex, opposite(dir), &inner)) {
+                count(cfg.counter_slot, dir, counter::ALLOWED_RELATED);
+                return true;
+            }
+        }
+    }
+    let len = ip.len;
+    let key = conntrack::key_of(ifindex, dir, ip);
+    match conntrack::track(&key, ip, dir, cfg, len, now) {
+        Track::Hit => {
+            count(cfg.counter_slot, dir, counter::ALLOWED_TRACKED);
+            return true;
+        }
+        Track::Full => {
+            count(
+                cfg.counter_slot,
+                dir,
+                counter::drop_slot(drop_reason::CONNTRACK_FULL),
+            );
+            return false;
+        }
+        Track::Miss => {}
+    }
+    let Some(grant) = policy::lookup(ifindex, dir, ip) else {
+        count(
+            cfg.counter_slot,
+            dir,
+            counter::drop_slot(drop_reason::POLICY),
+        );
+        event(EVENT_DENIED, ifindex, dir, ip, 0, now, deny_rate);
+        return false;
+    };
+    let untracked = match ip.protocol {
+        PROTO_TCP => grant.flags & GRANT_UNTRACKED_TCP != 0,
+        PROTO_UDP => grant.flags & GRANT_UNTRACKED_UDP != 0,
+        _ => false,
+    };
+    rule_hit(grant.rule_id);
+    if untracked {
+        count(cfg.counter_slot, dir, counter::ALLOWED_UNTRACKED);
+        return true;
+    }
+    // Replies, errors and resets open no flow of their own.
+    let (echo, request) = echo_kind(ip.family, ip.protocol, ip.l4.icmp_type);
+    let opens = match ip.protocol {
+        PROTO_ICMP | PROTO_ICMPV6 => !echo || request,
+        PROTO_TCP => ip.l4.tcp_flags & ct::TH_RST == 0,
+        _ => true,
+    };
+    if !opens || parse::is_icmp_error(ip.family, ip.protocol, ip.l4.icmp_type) {
+        count(cfg.counter_slot, dir, counter::ALLOWED_STATELESS);
+        return true;
+    }
+    conntrack::open(&key, ip, dir, grant.rule_id, len, now);
+    count(cfg.counter_slot, dir, counter::ALLOWED_NEW);
+    event(
+        EVENT_ADMITTED,
+        ifindex,
+        dir,
+        ip,
+        grant.rule_id,
+        now,
+        deny_rate,
+    );
+    true
+}
