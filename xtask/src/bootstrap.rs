@@ -1,6 +1,7 @@
-//! The eBPF toolchain, installed on demand: rust-src for nightly, LLVM 22 (apt) and
-//! bpf-linker built against it. Idempotent; a no-op in well under a second when all is
-//! present. `doctor` reports the toolchain and the host with a verdict.
+//! Everything the README's commands use, installed on demand: the system packages (apt),
+//! rust-src for nightly, LLVM 22 and bpf-linker built against it. Idempotent; a no-op in
+//! well under a second when all is present. `doctor` reports the toolchain and the host
+//! with a verdict.
 
 use std::{path::Path, process::Command};
 
@@ -45,6 +46,43 @@ fn has_llvm() -> bool {
     Path::new(LLVM_PREFIX).join("bin/llvm-config").exists()
 }
 
+/// The system packages the tasks use, each with a command that shows it is installed:
+/// namespaces and veth (iproute2), holders of a host's namespaces and CPU placement
+/// (util-linux), the peers benchmark's filters and load (nftables, iptables, iperf3,
+/// ethtool), map memory (bpftool), and LLVM for bpf-linker.
+const SYSTEM_PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip"),
+    ("util-linux", "nsenter"),
+    ("procps", "sysctl"),
+    ("nftables", "nft"),
+    ("iptables", "iptables"),
+    ("iperf3", "iperf3"),
+    ("ethtool", "ethtool"),
+    ("bpftool", "bpftool"),
+];
+
+/// Whether `command` is on the PATH (or in the sbin directories root's PATH may lack).
+fn has_command(command: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(Into::into))
+        .any(|dir| dir.join(command).is_file())
+}
+
+/// The system packages that are missing.
+fn missing_packages() -> Vec<&'static str> {
+    let mut missing: Vec<&str> = SYSTEM_PACKAGES
+        .iter()
+        .filter(|(_, command)| !has_command(command))
+        .map(|(package, _)| *package)
+        .collect();
+    if !has_llvm() {
+        missing.push("llvm-22-dev");
+    }
+    missing.dedup();
+    missing
+}
+
 fn apt(packages: &[&str]) -> Result<()> {
     if !Path::new("/usr/bin/apt-get").exists() {
         bail!(
@@ -66,15 +104,34 @@ fn apt(packages: &[&str]) -> Result<()> {
         }
         Ok(())
     };
-    if run(&[&["install", "-y", "-q"], packages].concat()).is_err() {
+    let install = [
+        &["install", "-y", "-q", "--no-install-recommends"],
+        packages,
+    ]
+    .concat();
+    // A fresh machine has no package lists yet: fetch them first (once); with lists,
+    // fetch them again only when the install fails on stale ones.
+    let has_lists = std::fs::read_dir("/var/lib/apt/lists")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().ends_with("_Packages"));
+    if !has_lists {
         run(&["update", "-q"])?;
-        run(&[&["install", "-y", "-q"], packages].concat())?;
+    }
+    if run(&install).is_err() {
+        run(&["update", "-q"])?;
+        run(&install)?;
     }
     Ok(())
 }
 
-/// Installs whatever the eBPF build lacks, saying what it does.
+/// Installs whatever the tasks lack, saying what it does.
 pub fn ensure() -> Result<()> {
+    let missing = missing_packages();
+    if !missing.is_empty() {
+        apt(&missing)?;
+    }
     if !has_nightly() {
         bail!("the nightly toolchain is missing: rustup toolchain install nightly --component rust-src");
     }
@@ -88,9 +145,6 @@ pub fn ensure() -> Result<()> {
         }
     }
     if !has_bpf_linker() {
-        if !has_llvm() {
-            apt(&["llvm-22-dev"])?;
-        }
         eprintln!(
             "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"
         );
@@ -175,8 +229,17 @@ pub fn doctor() -> Result<()> {
             "not mounted (the agent mounts it at /sys/fs/bpf itself)"
         },
     );
-    let ip = ok(Command::new("ip").arg("-V"));
-    all &= line("iproute2", ip, "ip netns / veth for tests and the demo");
+    for (package, command) in SYSTEM_PACKAGES {
+        all &= line(
+            package,
+            has_command(command),
+            if has_command(command) {
+                command
+            } else {
+                "missing: cargo xtask bootstrap installs it"
+            },
+        );
+    }
     println!(
         "\nverdict: {}",
         if all {

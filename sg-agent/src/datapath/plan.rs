@@ -36,79 +36,38 @@ fn prefix_key(ifindex: u32, direction: u8, addr: std::net::IpAddr, len: Option<u
     }
 }
 
-fn v4(key: &PrefixKey) -> [u8; 4] {
-    key.cidr.bytes()[..4].try_into().expect("4 bytes")
+/// The four keys differ only in their map, address width and ifindex byte order (the
+/// trie's is big-endian, so the bits compare the same on every host).
+macro_rules! address_key {
+    ($key:ident, $spec:ident, $width:literal, $to_ifindex:expr, $from_ifindex:expr) => {
+        impl AddressKey for $key {
+            const SPEC: &'static MapSpec = &registry::$spec;
+            fn new(key: &PrefixKey) -> Self {
+                $key {
+                    ifindex: $to_ifindex(key.ifindex),
+                    direction: key.direction.code(),
+                    _pad: [0; 3],
+                    addr: key.cidr.bytes()[..$width]
+                        .try_into()
+                        .expect("address width"),
+                }
+            }
+            fn prefix(&self, len: Option<u32>) -> PrefixKey {
+                prefix_key(
+                    $from_ifindex(self.ifindex),
+                    self.direction,
+                    self.addr.into(),
+                    len,
+                )
+            }
+        }
+    };
 }
 
-impl AddressKey for Addr4Key {
-    const SPEC: &'static MapSpec = &registry::ADDR4;
-    fn new(key: &PrefixKey) -> Self {
-        Addr4Key {
-            ifindex: key.ifindex,
-            direction: key.direction.code(),
-            _pad: [0; 3],
-            addr: v4(key),
-        }
-    }
-    fn prefix(&self, len: Option<u32>) -> PrefixKey {
-        prefix_key(self.ifindex, self.direction, self.addr.into(), len)
-    }
-}
-
-impl AddressKey for Addr6Key {
-    const SPEC: &'static MapSpec = &registry::ADDR6;
-    fn new(key: &PrefixKey) -> Self {
-        Addr6Key {
-            ifindex: key.ifindex,
-            direction: key.direction.code(),
-            _pad: [0; 3],
-            addr: key.cidr.bytes(),
-        }
-    }
-    fn prefix(&self, len: Option<u32>) -> PrefixKey {
-        prefix_key(self.ifindex, self.direction, self.addr.into(), len)
-    }
-}
-
-impl AddressKey for Net4Data {
-    const SPEC: &'static MapSpec = &registry::NET4;
-    fn new(key: &PrefixKey) -> Self {
-        Net4Data {
-            ifindex: key.ifindex.to_be_bytes(),
-            direction: key.direction.code(),
-            _pad: [0; 3],
-            addr: v4(key),
-        }
-    }
-    fn prefix(&self, len: Option<u32>) -> PrefixKey {
-        prefix_key(
-            u32::from_be_bytes(self.ifindex),
-            self.direction,
-            self.addr.into(),
-            len,
-        )
-    }
-}
-
-impl AddressKey for Net6Data {
-    const SPEC: &'static MapSpec = &registry::NET6;
-    fn new(key: &PrefixKey) -> Self {
-        Net6Data {
-            ifindex: key.ifindex.to_be_bytes(),
-            direction: key.direction.code(),
-            _pad: [0; 3],
-            addr: key.cidr.bytes(),
-        }
-    }
-    fn prefix(&self, len: Option<u32>) -> PrefixKey {
-        prefix_key(
-            u32::from_be_bytes(self.ifindex),
-            self.direction,
-            self.addr.into(),
-            len,
-        )
-    }
-}
+address_key!(Addr4Key, ADDR4, 4, u32::from, u32::from);
+address_key!(Addr6Key, ADDR6, 16, u32::from, u32::from);
+address_key!(Net4Data, NET4, 4, u32::to_be_bytes, u32::from_be_bytes);
+address_key!(Net6Data, NET6, 16, u32::to_be_bytes, u32::from_be_bytes);
 
 impl Datapath {
     /// Applies map operations in the order given (the compiler's diff order).
