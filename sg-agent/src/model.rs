@@ -272,6 +272,9 @@ pub struct State {
     pub prefix_lists: Vec<PrefixList>,
     pub network_interfaces: Vec<NetworkInterface>,
     pub settings: Settings,
+    /// What the source said that is not an error (unknown top-level keys): printed by
+    /// `validate` and logged when applied.
+    pub warnings: Vec<Problem>,
 }
 
 /// One problem in a state: where (object, field) and what.

@@ -4,11 +4,16 @@
 
 #![forbid(unsafe_code)]
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use sg_common::{counter, ct, drop_reason, Counters, DIR_EGRESS, DIR_INGRESS};
 
 use crate::{
+    agent::Orphan,
     compile::Plan,
     datapath::{DatapathError, IngressHook, Tables},
     source::LoadedState,
@@ -26,6 +31,15 @@ pub struct AgentView<'a> {
     pub plan: &'a Plan,
     /// Interface names by ifindex.
     pub names: &'a BTreeMap<u32, String>,
+    pub orphans: &'a BTreeMap<u32, Orphan>,
+    pub enforcement_lost: u64,
+    pub last_lost: Option<SystemTime>,
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// The agent's status document (JSON), written into `SG_STATUS` and served on `/status`.
@@ -39,7 +53,24 @@ pub fn agent_document(v: &AgentView<'_>) -> String {
                 "ifindex": ifindex,
                 "name": v.names.get(ifindex),
                 "network_interface": p.eni,
-                "groups": v.applied.and_then(|s| s.state.interface(&p.eni)).map(|n| n.groups.clone()).unwrap_or_default(),
+                "groups": match v.orphans.get(ifindex) {
+                    Some(o) => o.interface.groups.clone(),
+                    None => v.applied.and_then(|s| s.state.interface(&p.eni)).map(|n| n.groups.clone()).unwrap_or_default(),
+                },
+                "orphaned": v.orphans.contains_key(ifindex),
+            })
+        })
+        .collect();
+    let orphaned: Vec<_> = v
+        .orphans
+        .iter()
+        .map(|(ifindex, o)| {
+            serde_json::json!({
+                "ifindex": ifindex,
+                "name": o.name,
+                "network_interface": o.interface.id,
+                "orphaned_since_unix": unix(o.since),
+                "orphaned_seconds": SystemTime::now().duration_since(o.since).map(|d| d.as_secs()).unwrap_or(0),
             })
         })
         .collect();
@@ -52,10 +83,15 @@ pub fn agent_document(v: &AgentView<'_>) -> String {
         "default_deny": v.default_deny,
         "revalidate": v.revalidate,
         "interfaces": interfaces,
+        "orphaned": orphaned,
+        "enforcement_lost": {
+            "count": v.enforcement_lost,
+            "last_unix": v.last_lost.map(unix),
+        },
         "rules": v.plan.rules.len(),
         "rulesets": v.plan.rulesets.len(),
         "prefixes": v.plan.prefixes.len(),
-        "updated_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        "updated_unix": unix(SystemTime::now()),
     })
     .to_string()
 }
@@ -138,6 +174,8 @@ pub fn pinned_document(pin_dir: &Path) -> Result<serde_json::Value, DatapathErro
         "state_path": doc["state_path"],
         "last_error": doc["last_error"],
         "ingress_hook": doc["ingress_hook"],
+        "orphaned": doc["orphaned"],
+        "enforcement_lost": doc["enforcement_lost"],
         "interfaces": interfaces,
         "agent": doc,
     }))

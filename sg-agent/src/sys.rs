@@ -231,3 +231,54 @@ pub fn release_free_memory() {
         libc::malloc_trim(0);
     }
 }
+
+// ---- files ----
+
+/// Whether some process has `path` open for writing: a read lease (fcntl F_SETLEASE) is
+/// refused with EAGAIN exactly then. Leases need CAP_LEASE or the file's owner, which the
+/// agent is; where leases are unavailable (EINVAL, EACCES) the answer is "no".
+pub fn being_written(path: &Path) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path)?;
+    // SAFETY: fcntl on a descriptor we own, with integer arguments.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) };
+    if rc == 0 {
+        // SAFETY: as above; releases the lease just taken.
+        unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+        return Ok(false);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) => Ok(true),
+        Some(libc::EINVAL | libc::EACCES | libc::ENOLCK) => Ok(false),
+        _ => Err(e),
+    }
+}
+
+/// An exclusive lock on `path` (created 0600), held as long as the returned file is open;
+/// Err(WouldBlock) when another process holds it.
+pub fn lock_exclusive(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::{fd::AsRawFd, unix::fs::OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    // SAFETY: flock on a descriptor we own.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
+/// Sends SIGTERM to `pid`.
+pub fn terminate(pid: u32) -> io::Result<()> {
+    // SAFETY: kill(2) with a plain pid and signal number.
+    if unsafe { libc::kill(pid as i32, libc::SIGTERM) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

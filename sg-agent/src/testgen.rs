@@ -233,6 +233,7 @@ pub fn state(rng: &mut Rng, interfaces: usize) -> State {
         prefix_lists,
         network_interfaces,
         settings: Default::default(),
+        warnings: vec![],
     }
 }
 

@@ -123,9 +123,9 @@ fn corpus() -> Vec<(String, &'static str, String, Vec<&'static str>)> {
         ("interface bad mac", "toml", "[[interface]]\nid = \"eni-1\"\nmac = \"02:00:00:00:00\"", &["network interface eni-1", "mac"]),
         ("two interfaces, one mac", "toml", "[[interface]]\nid = \"eni-1\"\nmac = \"02:00:00:00:00:01\"\n[[interface]]\nid = \"eni-2\"\nmac = \"02:00:00:00:00:01\"", &["mac", "eni-1"]),
         ("too many groups", "toml", "", &["groups", "at most 16"]),
-        ("prefix list family mismatch", "toml", "[[prefix_list]]\nid = \"pl-1\"\nfamily = \"ipv4\"\nentries = [\"2001:db8::/32\"]", &["prefix list pl-1", "entries[0]"]),
-        ("prefix list bad family", "toml", "[[prefix_list]]\nid = \"pl-1\"\nfamily = \"ipx\"", &["prefix list pl-1", "family"]),
-        ("unknown timeout", "toml", "[settings.timeouts]\ntcp_forever = 5", &["settings", "timeouts.tcp_forever"]),
+        ("prefix list family mismatch", "toml", "[[security_group]]\nid = \"sg-a\"\n[[prefix_list]]\nid = \"pl-1\"\nfamily = \"ipv4\"\nentries = [\"2001:db8::/32\"]", &["prefix list pl-1", "entries[0]"]),
+        ("prefix list bad family", "toml", "[[security_group]]\nid = \"sg-a\"\n[[prefix_list]]\nid = \"pl-1\"\nfamily = \"ipx\"", &["prefix list pl-1", "family"]),
+        ("unknown timeout", "toml", "[settings.timeouts]\ntcp_forever = 5\n[[security_group]]\nid = \"sg-a\"", &["settings", "timeouts.tcp_forever"]),
         ("zero timeout", "toml", "[[interface]]\nid = \"eni-1\"\ntimeouts = { udp = 0 }", &["network interface eni-1", "timeouts.udp"]),
     ];
     let aws: Vec<Bad> = vec![
@@ -201,7 +201,7 @@ fn corpus() -> Vec<(String, &'static str, String, Vec<&'static str>)> {
         (
             "aws prefix list bad entry",
             "json",
-            r#"{"ManagedPrefixLists":[{"PrefixListId":"pl-1","AddressFamily":"IPv4","Entries":[{"Cidr":"x"}]}]}"#,
+            r#"{"SecurityGroups":[],"ManagedPrefixLists":[{"PrefixListId":"pl-1","AddressFamily":"IPv4","Entries":[{"Cidr":"x"}]}]}"#,
             &["prefix list pl-1", "Entries[0].Cidr"],
         ),
     ];

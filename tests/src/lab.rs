@@ -501,3 +501,82 @@ pub mod tcp {
         s.write_all(b"ping").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"ping"
     }
 }
+
+/// Connection attempts to `addr` from a namespace, over and over on a thread of its own,
+/// until stopped: for "denied traffic stays denied" during a change.
+pub struct Prober {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    probes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    delivered: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Prober {
+    pub fn start(ns: &Netns, addr: &str) -> Prober {
+        use std::sync::{
+            atomic::{AtomicBool, AtomicU64, Ordering},
+            Arc,
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let probes = Arc::new(AtomicU64::new(0));
+        let delivered = Arc::new(AtomicU64::new(0));
+        let addr: std::net::SocketAddr = addr.parse().expect("probe address");
+        let file = File::open(format!("/run/netns/{}", ns.name())).expect("netns");
+        let (s, p, d) = (stop.clone(), probes.clone(), delivered.clone());
+        let thread = std::thread::spawn(move || {
+            // SAFETY: setns on this thread only.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "prober: setns: {}", std::io::Error::last_os_error());
+            while !s.load(Ordering::Relaxed) {
+                p.fetch_add(1, Ordering::Relaxed);
+                if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+                    d.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        Prober {
+            stop,
+            probes,
+            delivered,
+            thread: Some(thread),
+        }
+    }
+
+    /// Probes sent so far.
+    pub fn probes(&self) -> u64 {
+        self.probes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops and returns (probes sent, probes delivered).
+    pub fn finish(mut self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("prober thread");
+        }
+        (
+            self.probes.load(Ordering::Relaxed),
+            self.delivered.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The text of `examples/<name>`.
+pub fn example(name: &str) -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples")
+            .join(name),
+    )
+    .unwrap_or_else(|e| panic!("examples/{name}: {e}"))
+}

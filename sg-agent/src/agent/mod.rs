@@ -21,6 +21,7 @@ use std::{
 use crate::{
     compile::{Plan, PlanIndex},
     datapath::{Datapath, DatapathError, IngressHook, MapSizes},
+    model::State,
     source::{self, Document, FileSource, LoadedState},
     status,
     sys::{self, HostInterface},
@@ -30,8 +31,8 @@ mod persist;
 mod reconcile;
 mod watch;
 
-pub use persist::default_run_dir;
-pub use reconcile::bind;
+pub use persist::{default_run_dir, holder};
+pub use reconcile::{bind, Orphan};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -39,6 +40,14 @@ pub enum AgentError {
     State(#[from] source::StateError),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error("{} is held by a running sg-agent (pid {}); stop it first", pin_dir.display(), pid.map_or("unknown".to_string(), |p| p.to_string()))]
+    Owned { pin_dir: PathBuf, pid: Option<u32> },
+    #[error("--attach {iface}={eni}: {reason}; nothing was attached")]
+    Attach {
+        iface: String,
+        eni: String,
+        reason: String,
+    },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -77,6 +86,8 @@ enum Event {
 
 pub struct Agent {
     opts: RunOptions,
+    /// One agent per pin directory (SPEC §6).
+    _lock: persist::OwnerLock,
     source: FileSource,
     dp: Datapath,
     plan: Plan,
@@ -95,19 +106,33 @@ pub struct Agent {
     seen: Option<watch::FileIdentity>,
     next_tick: Instant,
     next_gc: Instant,
+    /// The last valid definitions of the locally enforced interfaces, with the groups and
+    /// prefix lists they use: what an orphaned interface keeps enforcing.
+    known: State,
+    /// Enforced interfaces that the current state no longer binds, by ifindex.
+    orphans: BTreeMap<u32, reconcile::Orphan>,
+    /// Times something removed programs, links or pins, and when it last happened.
+    enforcement_lost: u64,
+    last_lost: Option<std::time::SystemTime>,
 }
 
 impl Agent {
     /// Validates the state, then adopts or creates the pins and enforces the state.
     /// Nothing is attached when the state is invalid.
     pub fn start(opts: RunOptions) -> Result<Agent, AgentError> {
+        // The file's identity is taken before it is read: a change written while the
+        // agent starts then differs from it, and the watcher's first wake-up applies it.
+        watch::wait_until_written(&opts.state)?;
+        let seen = watch::identity(&opts.state);
         let (doc, state) = Document::load(&opts.state)?;
+        check_attach(&opts.attach, &state)?;
+        std::fs::create_dir_all(&opts.run_dir)
+            .map_err(io(format!("creating {}", opts.run_dir.display())))?;
+        let lock = persist::lock(&opts.run_dir, &opts.pin_dir)?;
         sys::ensure_pin_dir(&opts.pin_dir).map_err(io(format!(
             "preparing pin directory {}",
             opts.pin_dir.display()
         )))?;
-        std::fs::create_dir_all(&opts.run_dir)
-            .map_err(io(format!("creating {}", opts.run_dir.display())))?;
         let mut dp = Datapath::open_pinned(&opts.sizes, &opts.pin_dir)?;
         let plan = persist::adopt(&mut dp, &opts.run_dir)?;
         if !plan.prefixes.is_empty() || !plan.interfaces.is_empty() {
@@ -119,7 +144,13 @@ impl Agent {
             );
         }
         let now = Instant::now();
+        let known = persist::load_known(&opts.run_dir);
         let mut agent = Agent {
+            _lock: lock,
+            known,
+            orphans: BTreeMap::new(),
+            enforcement_lost: 0,
+            last_lost: None,
             source: FileSource::new(&opts.state),
             next_tick: now + opts.tick,
             next_gc: now + opts.gc_interval,
@@ -136,7 +167,7 @@ impl Agent {
             status: Arc::new(Mutex::new(String::new())),
             seen: None,
         };
-        agent.seen = watch::identity(&agent.opts.state);
+        agent.seen = seen;
         agent.apply(state, reconcile::Content::Document(doc))?;
         Ok(agent)
     }
@@ -174,6 +205,7 @@ impl Agent {
         let now = Instant::now();
         if now >= self.next_tick {
             self.next_tick = now + self.opts.tick;
+            self.check_enforcement();
             self.hot_plug();
             // Polling fallback for file changes inotify could not see.
             self.reload(false);
@@ -206,6 +238,9 @@ impl Agent {
             revalidate: self.opts.revalidate,
             plan: &self.plan,
             names: &self.names,
+            orphans: &self.orphans,
+            enforcement_lost: self.enforcement_lost,
+            last_lost: self.last_lost,
         });
         if let Err(e) = self.dp.write_status(&doc) {
             log::warn!("writing status: {e}");
@@ -216,4 +251,30 @@ impl Agent {
     pub fn plan(&self) -> &Plan {
         &self.plan
     }
+}
+
+/// `--attach IFACE=ENI` must name an interface of this host and a network interface of
+/// the state (SPEC §4): a typo is an error at start, before anything is attached.
+fn check_attach(attach: &[(String, String)], state: &State) -> Result<(), AgentError> {
+    if attach.is_empty() {
+        return Ok(());
+    }
+    let host = sys::interfaces().map_err(io("listing interfaces"))?;
+    for (iface, eni) in attach {
+        let reason = if !host.iter().any(|h| &h.name == iface) {
+            Some(format!("no interface {iface} on this host"))
+        } else if state.interface(eni).is_none() {
+            Some(format!("no network interface {eni} in the state"))
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            return Err(AgentError::Attach {
+                iface: iface.clone(),
+                eni: eni.clone(),
+                reason,
+            });
+        }
+    }
+    Ok(())
 }

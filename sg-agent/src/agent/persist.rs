@@ -116,3 +116,88 @@ pub(super) fn save_metadata(run_dir: &Path, plan: &Plan) -> Result<(), AgentErro
     };
     write().map_err(io(format!("saving {}", path.display())))
 }
+
+/// The lock that makes one agent the owner of a pin directory (SPEC §6), held for the
+/// agent's life; the file names the holder's pid.
+pub struct OwnerLock {
+    _file: std::fs::File,
+}
+
+fn lock_path(run_dir: &Path) -> PathBuf {
+    run_dir.join("agent.lock")
+}
+
+/// Takes the lock, or says which agent holds it.
+pub fn lock(run_dir: &Path, pin_dir: &Path) -> Result<OwnerLock, AgentError> {
+    let path = lock_path(run_dir);
+    match crate::sys::lock_exclusive(&path) {
+        Ok(mut file) => {
+            use std::io::Seek;
+            let pid = std::process::id().to_string();
+            file.set_len(0)
+                .and_then(|()| file.rewind())
+                .and_then(|()| file.write_all(pid.as_bytes()))
+                .map_err(io(format!("writing {}", path.display())))?;
+            Ok(OwnerLock { _file: file })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(AgentError::Owned {
+            pin_dir: pin_dir.to_path_buf(),
+            pid: holder_pid(run_dir),
+        }),
+        Err(e) => Err(io(format!("locking {}", path.display()))(e)),
+    }
+}
+
+/// The pid of the agent that holds the pins of `run_dir`, if one runs.
+pub fn holder(run_dir: &Path) -> Option<u32> {
+    let path = lock_path(run_dir);
+    if !path.exists() {
+        return None;
+    }
+    match crate::sys::lock_exclusive(&path) {
+        // Free: nobody holds it (the lock goes with the file when we return).
+        Ok(_) => None,
+        Err(_) => holder_pid(run_dir).or(Some(0)),
+    }
+}
+
+fn holder_pid(run_dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(lock_path(run_dir))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn known_path(run_dir: &Path) -> PathBuf {
+    run_dir.join("enforced.json")
+}
+
+/// The last valid definitions of the locally enforced interfaces (and the groups and
+/// prefix lists they use), saved by the previous run; empty when there are none.
+pub(super) fn load_known(run_dir: &Path) -> crate::model::State {
+    let path = known_path(run_dir);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return crate::model::State::default();
+    };
+    match crate::source::parse_str(&text) {
+        Ok(state) => state,
+        Err(problems) => {
+            log::warn!(
+                "{}: unreadable ({} problems); orphaned interfaces cannot be kept from it",
+                path.display(),
+                problems.len()
+            );
+            crate::model::State::default()
+        }
+    }
+}
+
+/// Saves what `load_known` reads (AWS JSON, replaced atomically).
+pub(super) fn save_known(run_dir: &Path, known: &crate::model::State) -> Result<(), AgentError> {
+    let path = known_path(run_dir);
+    let tmp = run_dir.join("enforced.json.tmp");
+    std::fs::write(&tmp, crate::source::to_aws_json(known))
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(io(format!("saving {}", path.display())))
+}

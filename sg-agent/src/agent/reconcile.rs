@@ -4,20 +4,37 @@
 
 #![forbid(unsafe_code)]
 
-use std::{collections::BTreeSet, time::Instant};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Instant, SystemTime},
+};
 
 use super::{io, persist, Agent, AgentError};
+use sg_common::{link_kind, registry};
+
 use crate::{
     compile::{
         changed_addresses, changed_interfaces, compile, diff, membership_change, LocalInterface,
         Options, PlanIndex,
     },
     conntrack,
-    datapath::{self, links_dir},
-    model::{NetworkInterface, State},
+    datapath::{self, link_name, links_dir, IngressHook},
+    model::{NetworkInterface, Peer, State},
     source::{self, Document, LoadedState, Source},
     sys::{self, HostInterface},
 };
+
+/// An enforced interface that the current state no longer binds (its ENI was removed,
+/// its MAC changed, a key was mistyped): it keeps its last valid definition until the
+/// state lists its ENI with no groups, the interface leaves the host, or an operator
+/// detaches it (SPEC §4).
+#[derive(Clone, Debug)]
+pub struct Orphan {
+    pub name: String,
+    /// Its network interface as the last valid state defined it.
+    pub interface: NetworkInterface,
+    pub since: SystemTime,
+}
 
 /// What identifies the applied content: the parsed file (hashed once the maps are
 /// programmed, off the path from change to enforcement) or an already known SHA-256 of
@@ -33,6 +50,14 @@ impl Agent {
     pub(super) fn reload(&mut self, force: bool) {
         let now = super::watch::identity(&self.opts.state);
         if !force && now.is_some() && now == self.seen {
+            return;
+        }
+        if super::watch::still_being_written(&self.opts.state) {
+            // Its writer's close wakes the watcher again; until then, nothing changes.
+            log::debug!(
+                "{}: still open for writing; waiting for it to be closed",
+                self.opts.state.display()
+            );
             return;
         }
         self.seen = now;
@@ -69,6 +94,10 @@ impl Agent {
     /// state: only the changed interfaces are parsed and only their addresses' prefixes
     /// recomputed. Gives the content back when the change needs the full path.
     fn apply_membership(&mut self, text: Vec<u8>, started: Instant) -> Result<(), Vec<u8>> {
+        // Orphans live in the compiled state but not in the file: the full path keeps them.
+        if !self.orphans.is_empty() {
+            return Err(text);
+        }
         let (Some(doc), Some(loaded)) = (self.doc.as_mut(), self.state.as_mut()) else {
             return Err(text);
         };
@@ -158,8 +187,19 @@ impl Agent {
     /// Compiles `state` for the current interfaces and applies the ordered difference.
     pub(super) fn apply(&mut self, state: State, content: Content) -> Result<(), AgentError> {
         let started = Instant::now();
+        for w in &state.warnings {
+            log::warn!("{}: {w}", self.opts.state.display());
+        }
         let host = sys::interfaces().map_err(io("listing interfaces"))?;
-        let bound = bind(&state, &host, &self.opts.attach);
+        let mut bound = bind(&state, &host, &self.opts.attach);
+        let orphans = self.orphans_of(&state, &host, &bound);
+        let orphaned_state;
+        let effective = if orphans.is_empty() {
+            &state
+        } else {
+            orphaned_state = with_orphans(&state, &self.known, &orphans, &host, &mut bound);
+            &orphaned_state
+        };
         let locals: Vec<LocalInterface> = bound
             .iter()
             .map(|(h, eni)| LocalInterface {
@@ -171,7 +211,7 @@ impl Agent {
             default_deny: self.opts.default_deny,
         };
         let compiled = Instant::now();
-        let new = compile(&state, &locals, &options, Some(&self.plan));
+        let new = compile(effective, &locals, &options, Some(&self.plan));
         let compile_time = compiled.elapsed();
         let ops = diff(&self.plan, &new);
         let links = links_dir(&self.opts.pin_dir);
@@ -201,9 +241,21 @@ impl Agent {
                 );
             }
         }
+        for (ifindex, o) in &orphans {
+            if !self.orphans.contains_key(ifindex) {
+                log::warn!(
+                    "{} ({}): orphaned: the new state no longer binds it; it keeps its last valid policy (list {} with no groups, or run `sg-agent detach --interface {}`, to stop enforcing it)",
+                    o.name, o.interface.id, o.interface.id, o.name
+                );
+            }
+        }
+        let known = known_locals(effective, &bound);
         self.plan = new;
         self.host = host;
+        self.orphans = orphans;
         persist::save_metadata(&self.opts.run_dir, &self.plan)?;
+        persist::save_known(&self.opts.run_dir, &known)?;
+        self.known = known;
         let revalidated = if self.opts.revalidate {
             conntrack::revalidate(&mut self.dp, &self.plan)?
         } else {
@@ -235,6 +287,178 @@ impl Agent {
         self.write_status();
         sys::release_free_memory();
         Ok(())
+    }
+}
+
+impl Agent {
+    /// The enforced interfaces that `state` (bound as `bound`) no longer binds and that
+    /// keep enforcing: still on the host, not explicitly listed with no groups, and with
+    /// a last valid definition to keep.
+    fn orphans_of(
+        &self,
+        state: &State,
+        host: &[HostInterface],
+        bound: &[(HostInterface, String)],
+    ) -> BTreeMap<u32, Orphan> {
+        let mut out = BTreeMap::new();
+        for (ifindex, enforced) in &self.plan.interfaces {
+            if bound.iter().any(|(h, _)| h.ifindex == *ifindex) {
+                continue;
+            }
+            let Some(h) = host.iter().find(|h| h.ifindex == *ifindex) else {
+                continue; // Gone from the host: nothing to enforce.
+            };
+            let previous = self.orphans.get(ifindex);
+            let definition = previous
+                .map(|o| o.interface.clone())
+                .or_else(|| self.known.interface(&enforced.eni).cloned());
+            let Some(definition) = definition else {
+                log::warn!(
+                    "{} ({}): the new state no longer binds it and no last valid definition is known; it is no longer enforced",
+                    h.name, enforced.eni
+                );
+                continue;
+            };
+            if state
+                .interface(&definition.id)
+                .is_some_and(|n| n.groups.is_empty() && !self.opts.default_deny)
+            {
+                continue; // Listed with no groups: released on purpose.
+            }
+            out.insert(
+                *ifindex,
+                Orphan {
+                    name: h.name.clone(),
+                    interface: definition,
+                    since: previous.map_or_else(SystemTime::now, |o| o.since),
+                },
+            );
+        }
+        out
+    }
+
+    /// SPEC §6: the agent's programs, links and pins must still be in place; whatever
+    /// removed them is reported, counted, and undone at once.
+    pub(super) fn check_enforcement(&mut self) {
+        let pin_dir = self.opts.pin_dir.clone();
+        let links = links_dir(&pin_dir);
+        let mut lost: Vec<String> = registry::MAPS
+            .iter()
+            .filter(|m| !pin_dir.join(m.name).exists())
+            .map(|m| format!("map pin {}", m.name))
+            .collect();
+        let ingress = match self.opts.hook {
+            IngressHook::Xdp => link_kind::XDP,
+            IngressHook::Tc => link_kind::TC_INGRESS,
+        };
+        let mut relink = Vec::new();
+        for ifindex in &self.attached {
+            for kind in [ingress, link_kind::TC_EGRESS] {
+                if !links.join(link_name(*ifindex, kind)).exists() {
+                    lost.push(format!(
+                        "{} link of {}",
+                        kind,
+                        self.names
+                            .get(ifindex)
+                            .cloned()
+                            .unwrap_or(ifindex.to_string())
+                    ));
+                    relink.push(*ifindex);
+                }
+            }
+        }
+        if lost.is_empty() {
+            return;
+        }
+        self.enforcement_lost += 1;
+        self.last_lost = Some(SystemTime::now());
+        log::error!(
+            "enforcement lost: {} removed by someone else; restoring",
+            lost.join(", ")
+        );
+        let restored = sys::ensure_pin_dir(&pin_dir)
+            .map_err(io(format!("preparing pin directory {}", pin_dir.display())))
+            .and_then(|()| self.dp.repin_missing(&pin_dir).map_err(AgentError::from));
+        if let Err(e) = restored {
+            self.fail(format!("restoring pins: {e}"));
+            return;
+        }
+        for ifindex in relink {
+            self.attached.remove(&ifindex);
+        }
+        if let Some(loaded) = self.state.clone() {
+            match self.apply(loaded.state, Content::Sha(loaded.sha256)) {
+                Ok(()) => log::info!("enforcement restored"),
+                Err(e) => self.fail(format!("restoring enforcement: {e}")),
+            }
+        }
+    }
+}
+
+/// `state` with the orphans added back: each as its last valid definition (under its own
+/// id, or `<id> (orphaned)` when the state gives the id to another definition), with the
+/// groups and prefix lists it needs that the state no longer has; `bound` gains them.
+fn with_orphans(
+    state: &State,
+    known: &State,
+    orphans: &BTreeMap<u32, Orphan>,
+    host: &[HostInterface],
+    bound: &mut Vec<(HostInterface, String)>,
+) -> State {
+    let mut out = state.clone();
+    for (ifindex, o) in orphans {
+        let mut n = o.interface.clone();
+        if out.interface(&n.id).is_some() {
+            n.id = format!("{} (orphaned)", n.id);
+        }
+        add_groups(known, &mut out, n.groups.clone());
+        if let Some(h) = host.iter().find(|h| h.ifindex == *ifindex) {
+            bound.push((h.clone(), n.id.clone()));
+        }
+        out.network_interfaces.push(n);
+    }
+    out
+}
+
+/// What `Agent::known` keeps of `state`: the bound interfaces' definitions and the groups
+/// and prefix lists they use, directly or through group references.
+fn known_locals(state: &State, bound: &[(HostInterface, String)]) -> State {
+    let mut out = State::default();
+    let mut wanted: Vec<String> = Vec::new();
+    for (_, eni) in bound {
+        if let Some(n) = state.interface(eni) {
+            let mut n = n.clone();
+            n.id = n.id.trim_end_matches(" (orphaned)").to_string();
+            wanted.extend(n.groups.iter().cloned());
+            if out.interface(&n.id).is_none() {
+                out.network_interfaces.push(n);
+            }
+        }
+    }
+    add_groups(state, &mut out, wanted);
+    out
+}
+
+/// Adds to `into` the groups `wanted` that it lacks, as `from` defines them, with the
+/// groups and prefix lists their rules reference, transitively.
+fn add_groups(from: &State, into: &mut State, mut wanted: Vec<String>) {
+    while let Some(id) = wanted.pop() {
+        if into.group(&id).is_some() {
+            continue;
+        }
+        let Some(g) = from.group(&id) else { continue };
+        for peer in g.ingress.iter().chain(&g.egress).flat_map(|r| &r.peers) {
+            match peer {
+                Peer::Group(other) => wanted.push(other.clone()),
+                Peer::PrefixList(list) if into.prefix_list(list).is_none() => {
+                    if let Some(p) = from.prefix_list(list) {
+                        into.prefix_lists.push(p.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+        into.security_groups.push(g.clone());
     }
 }
 

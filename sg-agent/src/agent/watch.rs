@@ -77,3 +77,41 @@ pub(super) fn spawn_watcher(state: &Path, tx: mpsc::Sender<Event>) {
         }
     });
 }
+
+/// Whether a writer still has the state file open: its content is not acted on until it
+/// is closed (SPEC §3: a file being written is never acted on half-written).
+pub(super) fn still_being_written(path: &Path) -> bool {
+    match sys::being_written(path) {
+        Ok(w) => w,
+        Err(e) => {
+            log::debug!(
+                "{}: cannot tell whether it is being written: {e}",
+                path.display()
+            );
+            false
+        }
+    }
+}
+
+/// At start: waits (up to 30 s) for a writer of the state file to close it.
+pub(super) fn wait_until_written(path: &Path) -> Result<(), AgentError> {
+    let started = std::time::Instant::now();
+    let mut said = false;
+    while still_being_written(path) {
+        if !said {
+            log::info!(
+                "{}: being written; waiting for the writer to close it",
+                path.display()
+            );
+            said = true;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(30) {
+            return Err(AgentError::Io {
+                what: format!("{}: still open for writing after 30 s", path.display()),
+                source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(())
+}

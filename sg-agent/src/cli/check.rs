@@ -38,9 +38,35 @@ pub struct ExplainArgs {
     pub icmp_code: Option<u8>,
 }
 
-pub(super) fn validate(path: &std::path::Path) -> ExitCode {
+/// A problem as `validate --json` prints it.
+fn problem_json(p: &crate::model::Problem) -> serde_json::Value {
+    serde_json::json!({
+        "object": p.object,
+        "field": p.field,
+        "message": p.message,
+        "line": p.line,
+    })
+}
+
+pub(super) fn validate(path: &std::path::Path, json: bool) -> ExitCode {
     match source::load_file(path) {
         Ok(l) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "valid": true,
+                        "file": path,
+                        "sha256": l.sha256,
+                        "errors": [],
+                        "warnings": l.state.warnings.iter().map(problem_json).collect::<Vec<_>>(),
+                    })
+                );
+                return ExitCode::SUCCESS;
+            }
+            for w in &l.state.warnings {
+                eprintln!("warning: {}: {w}", path.display());
+            }
             println!(
                 "OK {}: {} security groups, {} network interfaces, {} prefix lists (sha256 {})",
                 path.display(),
@@ -52,6 +78,18 @@ pub(super) fn validate(path: &std::path::Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "valid": false,
+                        "file": path,
+                        "errors": e.problems.iter().map(problem_json).collect::<Vec<_>>(),
+                        "warnings": [],
+                    })
+                );
+                return ExitCode::FAILURE;
+            }
             eprintln!("{e}");
             eprintln!("{}: {} error(s)", path.display(), e.problems.len());
             ExitCode::FAILURE

@@ -45,6 +45,9 @@ pub enum Command {
         /// State file (native TOML or AWS JSON).
         #[arg(long)]
         state: PathBuf,
+        /// Print {"valid", "errors", "warnings"} as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Say whether the state allows a packet, and which rule allows it.
     Explain(ExplainArgs),
@@ -68,6 +71,12 @@ pub enum Command {
     Detach {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        /// Detach only this interface (its programs; the maps stay).
+        #[arg(long, value_name = "IFACE")]
+        interface: Option<String>,
+        /// Stop the agent that holds the pins (SIGTERM) and detach anyway.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -88,11 +97,15 @@ pub fn parse() -> Result<Cli, ExitCode> {
 
 pub fn main(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Validate { state } => check::validate(&state),
+        Command::Validate { state, json } => check::validate(&state, json),
         Command::Explain(args) => check::explain(&args),
         Command::Run(args) => run::run(args),
         Command::Status { pin_dir, json } => inspect::status(&pin_dir, json),
         Command::Flows { pin_dir, json } => inspect::flows(&pin_dir, json),
-        Command::Detach { pin_dir } => detach::detach(&pin_dir),
+        Command::Detach {
+            pin_dir,
+            interface,
+            force,
+        } => detach::detach(&pin_dir, interface.as_deref(), force),
     }
 }

@@ -45,14 +45,14 @@ pub struct RunArgs {
     /// Directory for the agent's own files (default: /run/sg/<pin dir>).
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
-    /// Capacity of the established-connection table.
-    #[arg(long, default_value_t = sg_common::DEFAULT_CT_ENTRIES)]
+    /// Capacity of the established-connection table (at least 1).
+    #[arg(long, default_value_t = sg_common::DEFAULT_CT_ENTRIES, value_parser = clap::value_parser!(u32).range(1..))]
     pub conntrack_size: u32,
-    /// Capacity of the new-connection (embryonic) table.
-    #[arg(long, default_value_t = sg_common::DEFAULT_CT_NEW_ENTRIES)]
+    /// Capacity of the new-connection (embryonic) table (at least 1).
+    #[arg(long, default_value_t = sg_common::DEFAULT_CT_NEW_ENTRIES, value_parser = clap::value_parser!(u32).range(1..))]
     pub conntrack_new_size: u32,
-    /// Seconds between conntrack garbage collections.
-    #[arg(long, default_value_t = 10)]
+    /// Seconds between conntrack garbage collections (at least 1).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub gc_interval: u64,
 }
 
@@ -86,7 +86,7 @@ pub(super) fn run(a: RunArgs) -> ExitCode {
             ..MapSizes::default()
         },
         tick: Duration::from_millis(500),
-        gc_interval: Duration::from_secs(a.gc_interval.max(1)),
+        gc_interval: Duration::from_secs(a.gc_interval),
     };
     let agent = match Agent::start(opts) {
         Ok(agent) => agent,

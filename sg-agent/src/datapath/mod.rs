@@ -80,6 +80,13 @@ pub enum DatapathError {
         found: String,
         expected: String,
     },
+    #[error("pinned map {name} holds {pinned} entries, but {flag} asks for {wanted}; the tracked flows would be lost, so nothing was changed: run with {flag} {pinned} to keep them, or `sg-agent detach` first to start afresh")]
+    Size {
+        name: &'static str,
+        flag: &'static str,
+        pinned: u32,
+        wanted: u32,
+    },
     #[error("{what} {path}: {source}")]
     Pin {
         what: &'static str,
@@ -169,6 +176,7 @@ impl Datapath {
     /// their layout), creating and pinning those that are missing.
     pub fn open_pinned(sizes: &MapSizes, pin_dir: &Path) -> Result<Datapath> {
         pins::check_layouts(pin_dir)?;
+        pins::check_sizes(pin_dir, sizes)?;
         Self::load_with(OBJECT, sizes, Some(pin_dir))
     }
 

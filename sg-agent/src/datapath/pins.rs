@@ -127,6 +127,59 @@ pub(super) fn check_layouts(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+impl super::Datapath {
+    /// Pins again every map of the loaded object whose pin is gone (someone removed it).
+    pub fn repin_missing(&mut self, pin_dir: &Path) -> Result<()> {
+        for spec in &registry::MAPS {
+            let path = pin_dir.join(spec.name);
+            if path.exists() {
+                continue;
+            }
+            let map = self
+                .ebpf()
+                .map(spec.name)
+                .ok_or(DatapathError::MissingMap(spec.name))?;
+            map.pin(&path).map_err(|e| DatapathError::Pin {
+                what: "pinning map",
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Refuses pinned maps whose capacity differs from the one asked for: aya would reuse
+/// the pin whatever the size, and silently ignore the flag.
+pub(super) fn check_sizes(pin_dir: &Path, sizes: &super::MapSizes) -> Result<()> {
+    use sg_common::registry::Sizing;
+    for spec in &registry::MAPS {
+        let Some(wanted) = sizes.of(spec.sizing) else {
+            continue;
+        };
+        let path = pin_dir.join(spec.name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapData::from_pin(&path)
+            .and_then(|m| m.info())
+            .map_err(map_err(spec.name))?;
+        if info.max_entries() != wanted {
+            return Err(DatapathError::Size {
+                name: spec.name,
+                flag: match spec.sizing {
+                    Sizing::Conntrack => "--conntrack-size",
+                    Sizing::ConntrackNew => "--conntrack-new-size",
+                    _ => "this sg-agent",
+                },
+                pinned: info.max_entries(),
+                wanted,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// What `detach` removed, and what it could not.
 #[derive(Debug, Default)]
 pub struct Detached {

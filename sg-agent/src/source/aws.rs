@@ -1,5 +1,7 @@
 //! AWS JSON: `SecurityGroups`, `NetworkInterfaces`, `ManagedPrefixLists` with the shapes
-//! of the EC2 API outputs. Unknown keys are ignored; a missing list is empty.
+//! of the EC2 API outputs. Unknown keys are ignored (unknown top-level keys are warned
+//! about); a missing list is empty, but a document with neither `SecurityGroups` nor
+//! `NetworkInterfaces` is an empty state, which is invalid (SPEC §3).
 
 #![forbid(unsafe_code)]
 
@@ -8,13 +10,17 @@ use super::*;
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct File {
-    #[serde(default)]
-    security_groups: Vec<Group>,
-    #[serde(default)]
-    network_interfaces: Vec<Interface>,
+    security_groups: Option<Vec<Group>>,
+    network_interfaces: Option<Vec<Interface>>,
     #[serde(default)]
     managed_prefix_lists: Vec<ManagedPrefixList>,
+    /// Every other top-level key: warned about, never an error.
+    #[serde(flatten)]
+    other: BTreeMap<String, serde::de::IgnoredAny>,
 }
+
+/// The top-level keys this format knows.
+const KNOWN_KEYS: [&str; 3] = ["SecurityGroups", "NetworkInterfaces", "ManagedPrefixLists"];
 
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -130,14 +136,48 @@ struct PrefixListEntry {
 }
 
 pub fn parse(text: &str) -> Result<State, Vec<Problem>> {
+    if super::is_json_array(text.trim_start()) {
+        return Err(vec![Problem::new(
+            "file",
+            "-",
+            "AWS JSON is one object with SecurityGroups, NetworkInterfaces and ManagedPrefixLists, not an array",
+        )]);
+    }
     let file: File = serde_json::from_str(text).map_err(|e| {
         let mut p = Problem::new("file", "syntax", e.to_string());
         p.line = Some(e.line());
         vec![p]
     })?;
+    if file.security_groups.is_none() && file.network_interfaces.is_none() {
+        return Err(vec![Problem::new(
+            "file",
+            "-",
+            format!(
+                "empty state: neither SecurityGroups nor NetworkInterfaces is present{} (an empty state is far more often a truncated write or a typo than an intent; to enforce nothing, list the interfaces with no Groups)",
+                if file.other.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; top-level keys found: {}",
+                        file.other.keys().cloned().collect::<Vec<_>>().join(", ")
+                    )
+                }
+            ),
+        )]);
+    }
     let mut problems = Vec::new();
     let mut state = State::default();
-    for g in file.security_groups {
+    for key in file.other.keys() {
+        state.warnings.push(Problem::new(
+            "file",
+            key.as_str(),
+            format!(
+                "unknown top-level key, ignored (known: {})",
+                KNOWN_KEYS.join(", ")
+            ),
+        ));
+    }
+    for g in file.security_groups.unwrap_or_default() {
         let object = group_object(&g.group_id);
         let mut convert = |perms: Vec<Permission>, field: &str| -> Vec<Rule> {
             perms
@@ -195,7 +235,7 @@ pub fn parse(text: &str) -> Result<State, Vec<Problem>> {
             entries,
         });
     }
-    for n in file.network_interfaces {
+    for n in file.network_interfaces.unwrap_or_default() {
         state.network_interfaces.push(interface(n, &mut problems));
     }
     if problems.is_empty() {

@@ -74,7 +74,9 @@ impl Document {
     /// The document of `text`, which parsed into `state`. When its interfaces cannot be
     /// located exactly, no spans are kept and every change parses the whole file.
     pub fn new(text: Vec<u8>, state: &State) -> Document {
-        let format = if super::is_aws_json(std::str::from_utf8(&text).unwrap_or_default()) {
+        let format = if super::is_aws_json(super::without_bom(
+            std::str::from_utf8(&text).unwrap_or_default(),
+        )) {
             Format::Aws
         } else {
             Format::Native

@@ -65,17 +65,47 @@ pub fn load_file(path: &Path) -> Result<LoadedState, StateError> {
     parse_bytes(path, bytes, sha256)
 }
 
-/// The content of a state file, or an error naming it.
+/// The content of a state file, or an error naming it. Only a regular file (or a link
+/// to one) is read: a FIFO or a device would block or never end.
 pub fn read_file(path: &Path) -> Result<Vec<u8>, StateError> {
-    std::fs::read(path).map_err(|e| StateError {
+    let error = |message: String| StateError {
         file: path.to_path_buf(),
-        problems: vec![Problem::new("file", "-", format!("cannot read: {e}"))],
-    })
+        problems: vec![Problem::new("file", "-", message)],
+    };
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => {
+            return Err(error(format!(
+                "is not a regular file ({}); give the path of the state file",
+                if m.is_dir() {
+                    "a directory"
+                } else {
+                    "a FIFO, socket or device"
+                }
+            )))
+        }
+        Err(e) => return Err(error(format!("cannot read: {e}"))),
+        Ok(_) => {}
+    }
+    std::fs::read(path).map_err(|e| error(format!("cannot read: {e}")))
 }
 
-/// AWS JSON is one JSON object; anything else is the native format.
+/// AWS JSON is one JSON value: an object, or an array of objects (refused with a clear
+/// message, not read as TOML, whose tables also open with `[`); anything else is the
+/// native format.
 fn is_aws_json(text: &str) -> bool {
-    text.trim_start().starts_with('{')
+    let t = text.trim_start();
+    t.starts_with('{') || is_json_array(t)
+}
+
+fn is_json_array(text: &str) -> bool {
+    text.strip_prefix('[')
+        .map(str::trim_start)
+        .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(']'))
+}
+
+/// Text without a UTF-8 byte-order mark (editors on some systems write one).
+fn without_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
 }
 
 /// Parses and validates the content of `path` already read (with its SHA-256).
@@ -98,6 +128,7 @@ pub fn parse_text(path: &Path, bytes: &[u8]) -> Result<State, StateError> {
 
 /// Parses and validates state text in either format.
 pub fn parse_str(text: &str) -> Result<State, Vec<Problem>> {
+    let text = without_bom(text);
     let (state, lines) = if is_aws_json(text) {
         (aws::parse(text)?, ObjectLines::default())
     } else {

@@ -99,6 +99,13 @@ pub fn parse(text: &str) -> Result<(State, super::ObjectLines), Vec<Problem>> {
         p.line = line;
         vec![p]
     })?;
+    if file.groups.is_empty() && file.interfaces.is_empty() {
+        return Err(vec![Problem::new(
+            "file",
+            "-",
+            "empty state: no [[security_group]] and no [[interface]] (an empty state is far more often a truncated write or a typo than an intent; to enforce nothing, list the interfaces with no groups)",
+        )]);
+    }
     let mut problems = Vec::new();
     let mut lines = super::ObjectLines::default();
     let index = super::Lines::new(text);
