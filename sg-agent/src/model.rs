@@ -287,6 +287,14 @@ pub struct Problem {
     pub message: String,
     /// 1-based line in the source file, where the format has lines and it is known.
     pub line: Option<usize>,
+    /// Where in its object the problem lies (`rule_rank`; 0 for the object itself):
+    /// problems are reported in file order by (line, rank).
+    pub rank: u32,
+}
+
+/// The rank of rule `index` of `dir` within its group, for ordering problems.
+pub fn rule_rank(dir: Direction, index: usize) -> u32 {
+    1 + (dir == Direction::Egress) as u32 * 1_000_000 + index as u32
 }
 
 impl Problem {
@@ -300,6 +308,7 @@ impl Problem {
             field: field.into(),
             message: message.into(),
             line: None,
+            rank: 0,
         }
     }
 }
@@ -310,6 +319,87 @@ impl fmt::Display for Problem {
             write!(f, "line {line}: ")?;
         }
         write!(f, "{}: {}: {}", self.object, self.field, self.message)
+    }
+}
+
+/// Where a rule came from, in its format's own terms: the field of the rule and of each
+/// of its parts, so that a problem names what the user wrote (`IpPermissions[2].
+/// UserIdGroupPairs[0].GroupId` in AWS JSON, `ingress[2].from[0]` in the native format).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuleOrigin {
+    /// `rule_rank` of the rule in its file.
+    pub rank: u32,
+    pub protocol: String,
+    pub ports: String,
+    pub icmp_type: String,
+    pub icmp_code: String,
+    /// The field that lists the peers (named when there are none).
+    pub peers: String,
+    /// The field of each peer, in the rule's peer order.
+    pub peer: Vec<String>,
+}
+
+impl RuleOrigin {
+    /// The names of the native format for rule `index` of `dir` (also what a state that
+    /// did not come from a file is reported in).
+    pub fn native(dir: Direction, index: usize, peers: usize) -> RuleOrigin {
+        let at = format!("{dir}[{index}]");
+        let list = match dir {
+            Direction::Ingress => "from",
+            Direction::Egress => "to",
+        };
+        RuleOrigin {
+            rank: rule_rank(dir, index),
+            protocol: format!("{at}.protocol"),
+            ports: format!("{at}.ports"),
+            icmp_type: format!("{at}.icmp_type"),
+            icmp_code: format!("{at}.icmp_code"),
+            peers: format!("{at}.{list}"),
+            peer: (0..peers).map(|j| format!("{at}.{list}[{j}]")).collect(),
+        }
+    }
+
+    fn peer(&self, j: usize) -> String {
+        self.peer
+            .get(j)
+            .cloned()
+            .unwrap_or_else(|| format!("{}[{j}]", self.peers))
+    }
+}
+
+/// Where a state's fields came from: each rule's origin, by (group index, direction,
+/// rule index in the state), and whether interface fields take AWS JSON's names. A rule
+/// with no origin is named in the native format's terms.
+#[derive(Clone, Debug, Default)]
+pub struct Origins {
+    pub rules: std::collections::HashMap<(usize, Direction, usize), RuleOrigin>,
+    pub aws: bool,
+}
+
+impl Origins {
+    /// The field of an interface in this format's terms.
+    fn interface_field(&self, native: &str) -> String {
+        if !self.aws {
+            return native.to_string();
+        }
+        let indexed = |prefix: &str, aws: &str, key: &str| {
+            native
+                .strip_prefix(prefix)
+                .map(|rest| format!("{aws}{rest}.{key}"))
+        };
+        indexed("ipv4", "PrivateIpAddresses", "PrivateIpAddress")
+            .or_else(|| indexed("ipv6", "Ipv6Addresses", "Ipv6Address"))
+            .or_else(|| {
+                native
+                    .strip_prefix("groups[")
+                    .map(|rest| format!("Groups[{rest}.GroupId"))
+            })
+            .unwrap_or_else(|| match native {
+                "mac" => "MacAddress".into(),
+                "groups" => "Groups".into(),
+                "id" => "NetworkInterfaceId".into(),
+                other => other.into(),
+            })
     }
 }
 
@@ -350,8 +440,14 @@ impl State {
         t
     }
 
-    /// Every problem of the state; empty when it is valid.
+    /// Every problem of the state; empty when it is valid. Rules are named in the
+    /// native format's terms.
     pub fn validate(&self) -> Vec<Problem> {
+        self.validate_named(&Origins::default())
+    }
+
+    /// Every problem of the state, each rule's fields named as `origins` says.
+    pub fn validate_named(&self, origins: &Origins) -> Vec<Problem> {
         let mut problems = Vec::new();
         let groups: BTreeSet<&str> = self.security_groups.iter().map(|g| g.id.as_str()).collect();
         let lists: BTreeMap<&str, &PrefixList> = self
@@ -375,6 +471,17 @@ impl State {
             interface_object,
             &mut problems,
         );
+        // A group and a prefix list may not share an id: a peer naming it would be
+        // ambiguous.
+        for p in &self.prefix_lists {
+            if groups.contains(p.id.as_str()) {
+                problems.push(Problem::new(
+                    prefix_list_object(&p.id),
+                    "id",
+                    format!("{} is also the id of a security group; ids must be unique across groups and prefix lists", p.id),
+                ));
+            }
+        }
         check_timeouts(
             &self.settings.timeouts,
             "settings",
@@ -382,15 +489,22 @@ impl State {
             &mut problems,
         );
 
-        for g in &self.security_groups {
+        for (gi, g) in self.security_groups.iter().enumerate() {
             let object = group_object(&g.id);
             if g.id.is_empty() {
                 problems.push(Problem::new(&object, "id", "must not be empty"));
             }
             for dir in Direction::BOTH {
                 for (i, rule) in g.rules(dir).iter().enumerate() {
-                    let at = format!("{dir}[{i}]");
-                    check_rule(rule, &at, &object, &groups, &lists, &mut problems);
+                    let native;
+                    let origin = match origins.rules.get(&(gi, dir, i)) {
+                        Some(o) => o,
+                        None => {
+                            native = RuleOrigin::native(dir, i, rule.peers.len());
+                            &native
+                        }
+                    };
+                    check_rule(rule, origin, &object, &groups, &lists, &mut problems);
                 }
             }
         }
@@ -400,7 +514,11 @@ impl State {
                 if c.family() != p.family {
                     problems.push(Problem::new(
                         &object,
-                        format!("entries[{i}]"),
+                        if origins.aws {
+                            format!("Entries[{i}].Cidr")
+                        } else {
+                            format!("entries[{i}]")
+                        },
                         format!(
                             "{c} is not an {} CIDR (AddressFamily is {})",
                             p.family, p.family
@@ -410,15 +528,30 @@ impl State {
             }
         }
         let mut macs = BTreeMap::new();
+        let mut addresses: std::collections::HashMap<IpAddr, &str> =
+            std::collections::HashMap::new();
         for n in &self.network_interfaces {
-            check_interface(n, &groups, &mut problems);
+            check_interface(n, &groups, origins, &mut problems);
             if let Some(mac) = &n.mac {
                 if let Some(other) = macs.insert(mac.as_str(), n.id.as_str()) {
                     problems.push(Problem::new(
                         interface_object(&n.id),
-                        "mac",
+                        origins.interface_field("mac"),
                         format!("MAC address {mac} is also used by network interface {other}"),
                     ));
+                }
+            }
+            for (field, addr) in address_fields(n) {
+                match addresses.get(&addr) {
+                    Some(other) if *other != n.id.as_str() => problems.push(Problem::new(
+                        interface_object(&n.id),
+                        origins.interface_field(&field),
+                        format!("{addr} is also a private address of network interface {other}"),
+                    )),
+                    Some(_) => {} // Listed twice on this interface: check_interface says so.
+                    None => {
+                        addresses.insert(addr, n.id.as_str());
+                    }
                 }
             }
         }
@@ -432,21 +565,27 @@ impl State {
         let mut problems = Vec::new();
         let groups: BTreeSet<&str> = self.security_groups.iter().map(|g| g.id.as_str()).collect();
         for n in &self.network_interfaces[changed] {
-            check_interface(n, &groups, &mut problems);
+            check_interface(n, &groups, &Origins::default(), &mut problems);
         }
         problems
     }
 }
 
 /// The checks of one network interface that need no other interface.
-fn check_interface(n: &NetworkInterface, groups: &BTreeSet<&str>, problems: &mut Vec<Problem>) {
+fn check_interface(
+    n: &NetworkInterface,
+    groups: &BTreeSet<&str>,
+    origins: &Origins,
+    problems: &mut Vec<Problem>,
+) {
     // Object names are built only for problems: a state has 100k interfaces.
     let object = || interface_object(&n.id);
+    let name = |native: &str| origins.interface_field(native);
     for (i, g) in n.groups.iter().enumerate() {
         if !groups.contains(g.as_str()) {
             problems.push(Problem::new(
                 object(),
-                format!("groups[{i}]"),
+                name(&format!("groups[{i}]")),
                 format!("unknown security group {g:?}"),
             ));
         }
@@ -459,14 +598,14 @@ fn check_interface(n: &NetworkInterface, groups: &BTreeSet<&str>, problems: &mut
     if twice {
         problems.push(Problem::new(
             object(),
-            "groups",
+            name("groups"),
             "lists a security group twice",
         ));
     }
     if n.groups.len() > MAX_GROUPS_PER_INTERFACE {
         problems.push(Problem::new(
             object(),
-            "groups",
+            name("groups"),
             format!(
                 "{} security groups attached; at most {MAX_GROUPS_PER_INTERFACE} are supported",
                 n.groups.len()
@@ -476,6 +615,49 @@ fn check_interface(n: &NetworkInterface, groups: &BTreeSet<&str>, problems: &mut
     if !n.timeouts.is_empty() {
         check_timeouts(&n.timeouts, &object(), "timeouts", problems);
     }
+    if let Some(mac) = &n.mac {
+        let first = u8::from_str_radix(&mac[..2.min(mac.len())], 16).unwrap_or(0);
+        if first & 1 == 1 {
+            problems.push(Problem::new(
+                object(),
+                name("mac"),
+                format!(
+                    "{mac} is a {} address; a network interface has a unicast MAC",
+                    if mac == "ff:ff:ff:ff:ff:ff" {
+                        "broadcast"
+                    } else {
+                        "multicast"
+                    }
+                ),
+            ));
+        }
+    }
+    let fields = address_fields(n);
+    for (i, (field, addr)) in fields.iter().enumerate() {
+        if fields[..i].iter().any(|(_, a)| a == addr) {
+            problems.push(Problem::new(
+                object(),
+                name(field),
+                format!("{addr} is listed twice"),
+            ));
+        }
+    }
+}
+
+/// Each private address of an interface with the field that holds it (the native
+/// format's names; AWS JSON's are `PrivateIpAddresses[i]` and `Ipv6Addresses[i]`).
+fn address_fields(n: &NetworkInterface) -> Vec<(String, IpAddr)> {
+    n.ipv4
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (format!("ipv4[{i}]"), IpAddr::V4(*a)))
+        .chain(
+            n.ipv6
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (format!("ipv6[{i}]"), IpAddr::V6(*a))),
+        )
+        .collect()
 }
 
 /// Groups per interface that must work (SPEC §1.8).
@@ -522,26 +704,29 @@ fn check_timeouts(
 
 fn check_rule(
     rule: &Rule,
-    at: &str,
+    at: &RuleOrigin,
     object: &str,
     groups: &BTreeSet<&str>,
     lists: &BTreeMap<&str, &PrefixList>,
     problems: &mut Vec<Problem>,
 ) {
+    let mut problem = |field: &str, message: String| {
+        let mut p = Problem::new(object, field, message);
+        p.rank = at.rank;
+        problems.push(p);
+    };
     if let PortMatch::Ports { from, to } = rule.ports {
         if from > to {
-            problems.push(Problem::new(
-                object,
-                format!("{at}.ports"),
+            problem(
+                &at.ports,
                 format!("from port {from} is greater than to port {to}"),
-            ));
+            );
         }
         if !rule.protocol.has_ports() {
-            problems.push(Problem::new(
-                object,
-                format!("{at}.ports"),
+            problem(
+                &at.ports,
                 format!("ports apply only to tcp and udp, not {}", rule.protocol),
-            ));
+            );
         }
     }
     if let PortMatch::Icmp {
@@ -549,46 +734,45 @@ fn check_rule(
         code: Some(_),
     } = rule.ports
     {
-        problems.push(Problem::new(
-            object,
-            format!("{at}.icmp_code"),
-            "an ICMP code needs an ICMP type (type -1 means every type and code)",
-        ));
+        problem(
+            &at.icmp_code,
+            "an ICMP code needs an ICMP type (type -1 means every type and code)".into(),
+        );
     }
     if matches!(rule.ports, PortMatch::Icmp { .. }) && !rule.protocol.is_icmp() {
-        problems.push(Problem::new(
-            object,
-            format!("{at}.icmp_type"),
+        problem(
+            &at.icmp_type,
             format!(
                 "ICMP type and code apply only to icmp and icmpv6, not {}",
                 rule.protocol
             ),
-        ));
+        );
     }
     if rule.peers.is_empty() {
-        problems.push(Problem::new(
-            object,
-            format!("{at}.peers"),
-            "a rule needs at least one peer",
-        ));
+        problem(&at.peers, "a rule needs at least one peer".into());
     }
+    // ICMP is IPv4's, ICMPv6 IPv6's: a CIDR of the other family could never match.
+    let family = match rule.protocol {
+        Protocol::Number(1) => Some(Family::V4),
+        Protocol::Number(58) => Some(Family::V6),
+        _ => None,
+    };
     for (j, peer) in rule.peers.iter().enumerate() {
-        let field = format!("{at}.peers[{j}]");
         match peer {
-            Peer::Cidr(_) => {}
+            Peer::Cidr(c) if family.is_some_and(|f| c.family() != f) => problem(
+                &at.peer(j),
+                format!(
+                    "{c} is an {} CIDR, but {} applies to {} only",
+                    c.family(),
+                    rule.protocol,
+                    family.expect("checked")
+                ),
+            ),
             Peer::Group(g) if !groups.contains(g.as_str()) => {
-                problems.push(Problem::new(
-                    object,
-                    field,
-                    format!("unknown security group {g:?}"),
-                ));
+                problem(&at.peer(j), format!("unknown security group {g:?}"))
             }
             Peer::PrefixList(p) if !lists.contains_key(p.as_str()) => {
-                problems.push(Problem::new(
-                    object,
-                    field,
-                    format!("unknown prefix list {p:?}"),
-                ));
+                problem(&at.peer(j), format!("unknown prefix list {p:?}"))
             }
             _ => {}
         }

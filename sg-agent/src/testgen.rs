@@ -152,16 +152,20 @@ fn rule(rng: &mut Rng, groups: &[String], lists: &[String]) -> Rule {
     for _ in 0..1 + rng.below(3) {
         let kind = rng.below(10);
         let peer = if kind < 5 || (groups.is_empty() && lists.is_empty()) {
-            let family = if rng.chance(60) {
-                Family::V4
-            } else {
-                Family::V6
+            // ICMP rules take CIDRs of their own family (SPEC §3).
+            let family = match protocol {
+                Protocol::Number(1) => Family::V4,
+                Protocol::Number(58) => Family::V6,
+                _ if rng.chance(60) => Family::V4,
+                _ => Family::V6,
             };
             Peer::Cidr(cidr(rng, family))
         } else if kind < 8 && !groups.is_empty() {
             Peer::Group(rng.pick(groups).clone())
         } else if !lists.is_empty() {
             Peer::PrefixList(rng.pick(lists).clone())
+        } else if protocol == Protocol::Number(58) {
+            Peer::Cidr("::/0".parse().expect("a CIDR"))
         } else {
             Peer::Cidr(Cidr::ANY_V4)
         };
@@ -210,6 +214,8 @@ pub fn state(rng: &mut Rng, interfaces: usize) -> State {
             }
         })
         .collect();
+    // Private addresses are unique across interfaces (SPEC §3): one use per pool address.
+    let mut used = std::collections::BTreeSet::new();
     let network_interfaces = (0..interfaces.max(1) + rng.below(3) as usize)
         .map(|i| {
             let mut groups: Vec<String> = group_ids
@@ -221,8 +227,14 @@ pub fn state(rng: &mut Rng, interfaces: usize) -> State {
             NetworkInterface {
                 id: format!("eni-{i}"),
                 mac: None,
-                ipv4: (0..rng.below(3)).map(|_| pool_v4(rng)).collect(),
-                ipv6: (0..rng.below(2)).map(|_| pool_v6(rng)).collect(),
+                ipv4: (0..rng.below(3))
+                    .map(|_| pool_v4(rng))
+                    .filter(|a| used.insert(IpAddr::V4(*a)))
+                    .collect(),
+                ipv6: (0..rng.below(2))
+                    .map(|_| pool_v6(rng))
+                    .filter(|a| used.insert(IpAddr::V6(*a)))
+                    .collect(),
                 groups,
                 timeouts: BTreeMap::new(),
             }

@@ -40,9 +40,10 @@ fn random_item(rng: &mut Rng, n: u32) -> Item {
 
 fn toml_item(it: &Item) -> String {
     let mut s = format!(
-        "[[interface]]\nid = \"{}\"\nipv4 = [\"198.18.0.{}\"]\ngroups = [{}]\n",
+        "[[interface]]\nid = \"{}\"\nipv4 = [\"198.18.{}.{}\"]\ngroups = [{}]\n",
         it.id,
-        it.v4,
+        it.v4 / 250,
+        it.v4 % 250,
         it.groups
             .iter()
             .map(|g| format!("\"{g}\""))
@@ -60,12 +61,13 @@ fn toml_item(it: &Item) -> String {
 
 fn json_item(it: &Item) -> String {
     format!(
-        "{{\"NetworkInterfaceId\": \"{}\",{} \"PrivateIpAddresses\": [{{\"PrivateIpAddress\": \"198.18.0.{}\"}}], \"Groups\": [{}]}}",
+        "{{\"NetworkInterfaceId\": \"{}\",{} \"PrivateIpAddresses\": [{{\"PrivateIpAddress\": \"198.18.{}.{}\"}}], \"Groups\": [{}]}}",
         it.id,
         it.mac
             .map(|m| format!(" \"MacAddress\": \"02:00:00:00:00:{m:02x}\","))
             .unwrap_or_default(),
-        it.v4,
+        it.v4 / 250,
+        it.v4 % 250,
         it.groups
             .iter()
             .map(|g| format!("{{\"GroupId\": \"{g}\"}}"))
@@ -210,7 +212,7 @@ fn a_member_appended_to_a_large_file_is_incremental() {
     let items: Vec<Item> = (0..1000)
         .map(|i| Item {
             id: format!("eni-{i}"),
-            v4: i % 250,
+            v4: i,
             groups: vec!["sg-a"],
             mac: None,
             timeouts: false,
@@ -222,7 +224,7 @@ fn a_member_appended_to_a_large_file_is_incremental() {
         let mut more = items.clone();
         more.push(Item {
             id: "eni-new".into(),
-            v4: 251,
+            v4: 1001,
             groups: vec!["sg-b"],
             mac: None,
             timeouts: false,

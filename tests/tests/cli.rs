@@ -89,7 +89,7 @@ fn validate_and_explain() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("ingress[0].ports") && err.contains("ingress[0].peers[0]"),
+        err.contains("ingress[0].ports") && err.contains("ingress[0].from[0]"),
         "every error: {err}"
     );
 

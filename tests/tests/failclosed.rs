@@ -17,6 +17,29 @@ use sg_tests::{
 /// The database's network interface in examples/two-tier.*.
 const DB_ENI: &str = "eni-000000000000000db";
 
+/// Runs a command that must exit by itself at once: one still running after 10 s (an
+/// agent that should have refused to start) fails the test.
+fn exits(cmd: &mut std::process::Command) -> std::process::Output {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let started = Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if started.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "{cmd:?} was still running after 10 s:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
 fn status(host: &Host) -> serde_json::Value {
     host.status().expect("sg-agent status --json")
 }
@@ -344,12 +367,12 @@ fn bad_attach_and_flags_fail_before_touching_anything() {
     let state = dir.path("state.toml");
     let sha = write_state(&state, &example("two-tier.toml"));
     let run = |args: &[&str]| {
-        t.db.cmd(sg_tests::lab::agent_bin())
-            .args(["run", "--state"])
-            .arg(&state)
-            .args(args)
-            .output()
-            .expect("sg-agent run")
+        exits(
+            t.db.cmd(sg_tests::lab::agent_bin())
+                .args(["run", "--state"])
+                .arg(&state)
+                .args(args),
+        )
     };
     for (args, code, says) in [
         (&["--attach", "eth0=eni-nope"][..], 1, "eni-nope"),

@@ -39,9 +39,9 @@ struct Group {
 struct Permission {
     ip_protocol: serde_json::Value,
     #[serde(default)]
-    from_port: Option<i64>,
+    from_port: Option<serde_json::Value>,
     #[serde(default)]
-    to_port: Option<i64>,
+    to_port: Option<serde_json::Value>,
     #[serde(default)]
     ip_ranges: Vec<IpRange>,
     #[serde(default)]
@@ -135,7 +135,7 @@ struct PrefixListEntry {
     cidr: String,
 }
 
-pub fn parse(text: &str) -> Result<State, Vec<Problem>> {
+pub fn parse(text: &str) -> Result<(State, ObjectLines, Origins), Vec<Problem>> {
     if super::is_json_array(text.trim_start()) {
         return Err(vec![Problem::new(
             "file",
@@ -144,7 +144,7 @@ pub fn parse(text: &str) -> Result<State, Vec<Problem>> {
         )]);
     }
     let file: File = serde_json::from_str(text).map_err(|e| {
-        let mut p = Problem::new("file", "syntax", e.to_string());
+        let mut p = Problem::new("file", "syntax", friendly(&e.to_string()));
         p.line = Some(e.line());
         vec![p]
     })?;
@@ -167,6 +167,11 @@ pub fn parse(text: &str) -> Result<State, Vec<Problem>> {
     }
     let mut problems = Vec::new();
     let mut state = State::default();
+    let mut origins = Origins {
+        aws: true,
+        ..Origins::default()
+    };
+    let lines = object_lines(text, &file);
     for key in file.other.keys() {
         state.warnings.push(Problem::new(
             "file",
@@ -179,21 +184,34 @@ pub fn parse(text: &str) -> Result<State, Vec<Problem>> {
     }
     for g in file.security_groups.unwrap_or_default() {
         let object = group_object(&g.group_id);
-        let mut convert = |perms: Vec<Permission>, field: &str| -> Vec<Rule> {
-            perms
-                .into_iter()
-                .enumerate()
-                .filter_map(|(i, p)| match permission(p, &format!("{field}[{i}]")) {
-                    Ok(r) => Some(r),
-                    Err((f, m)) => {
-                        problems.push(Problem::new(&object, f, m));
-                        None
-                    }
-                })
-                .collect()
+        let line = lines.named.get(&object).copied();
+        let gi = state.security_groups.len();
+        let mut convert = |perms: Vec<Permission>, field: &str, dir: Direction| -> Vec<Rule> {
+            let mut out = Vec::new();
+            for (i, p) in perms.into_iter().enumerate() {
+                let rank = rule_rank(dir, i);
+                let (rule, origin, errors) = permission(p, &format!("{field}[{i}]"), rank);
+                for (f, m) in errors {
+                    let mut p = Problem::new(&object, f, m);
+                    p.line = line;
+                    p.rank = rank;
+                    problems.push(p);
+                }
+                // A rule with problems is kept with its well-formed peers only, so that
+                // their references are checked too; the state is refused anyway.
+                if let Some(rule) = rule {
+                    origins.rules.insert((gi, dir, out.len()), origin);
+                    out.push(rule);
+                }
+            }
+            out
         };
-        let ingress = convert(g.ip_permissions, "IpPermissions");
-        let egress = convert(g.ip_permissions_egress, "IpPermissionsEgress");
+        let ingress = convert(g.ip_permissions, "IpPermissions", Direction::Ingress);
+        let egress = convert(
+            g.ip_permissions_egress,
+            "IpPermissionsEgress",
+            Direction::Egress,
+        );
         state.security_groups.push(SecurityGroup {
             name: g.group_name.unwrap_or_else(|| g.group_id.clone()),
             id: g.group_id,
@@ -239,13 +257,75 @@ pub fn parse(text: &str) -> Result<State, Vec<Problem>> {
         state.network_interfaces.push(interface(n, &mut problems));
     }
     if problems.is_empty() {
-        Ok(state)
+        Ok((state, lines, origins))
     } else {
-        problems.extend(state.validate());
-        problems.sort();
-        problems.dedup();
+        problems.extend(state.validate_named(&origins).into_iter().map(|mut p| {
+            p.line = p.line.or_else(|| lines.get(&state, &p.object));
+            p
+        }));
+        for p in &mut problems {
+            p.line = p.line.or_else(|| lines.get(&state, &p.object));
+        }
         Err(problems)
     }
+}
+
+/// Lines where the file's objects start (the items of its three lists), found by a scan
+/// of the JSON text; empty when the scan cannot tell.
+fn object_lines(text: &str, file: &File) -> ObjectLines {
+    let index = Lines::new(text);
+    let mut out = ObjectLines::default();
+    let b = text.as_bytes();
+    let starts = |key: &[u8]| -> Vec<usize> {
+        super::document::json_top_level_items(b, key)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| index.line(r.start))
+            .collect()
+    };
+    for (g, line) in file
+        .security_groups
+        .iter()
+        .flatten()
+        .zip(starts(b"SecurityGroups"))
+    {
+        out.named.entry(group_object(&g.group_id)).or_insert(line);
+    }
+    for (p, line) in file
+        .managed_prefix_lists
+        .iter()
+        .zip(starts(b"ManagedPrefixLists"))
+    {
+        out.named
+            .entry(prefix_list_object(&p.prefix_list_id))
+            .or_insert(line);
+    }
+    out.interfaces = starts(b"NetworkInterfaces");
+    out
+}
+
+/// A serde message in the user's terms: no Rust type names.
+pub(super) fn friendly(message: &str) -> String {
+    let mut m = message.to_string();
+    for (rust, words) in [
+        ("expected i64", "expected a whole number"),
+        ("expected u64", "expected a whole number"),
+        ("expected u32", "expected a whole number"),
+        ("expected u16", "expected a whole number"),
+        ("expected u8", "expected a whole number"),
+        ("expected usize", "expected a whole number"),
+        ("expected a sequence", "expected a list"),
+        ("expected a map", "expected an object"),
+    ] {
+        m = m.replace(rust, words);
+    }
+    while let Some(at) = m.find("expected struct ") {
+        let end = m[at + 16..]
+            .find(|c: char| !c.is_alphanumeric())
+            .map_or(m.len(), |e| at + 16 + e);
+        m.replace_range(at..end, "expected an object");
+    }
+    m
 }
 
 /// Network interfaces alone: the items of a `NetworkInterfaces` list, without the
@@ -280,10 +360,32 @@ fn interface(n: Interface, problems: &mut Vec<Problem>) -> NetworkInterface {
         .iter()
         .enumerate()
         .map(|(i, a)| (a.private_ip_address.as_str(), Some(i)));
+    let mut listed_seen = Vec::new();
     for (a, at) in primary.chain(listed) {
         match a.parse::<Ipv4Addr>() {
-            Ok(a) if !ipv4.contains(&a) => ipv4.push(a),
-            Ok(_) => {}
+            // The primary address is listed again in PrivateIpAddresses, as EC2 prints it;
+            // an address listed twice there is a mistake.
+            Ok(addr) if at.is_some() && listed_seen.contains(&addr) => {
+                problems.push(Problem::new(
+                    object(),
+                    format!(
+                        "PrivateIpAddresses[{}].PrivateIpAddress",
+                        at.expect("listed")
+                    ),
+                    format!("{addr} is listed twice"),
+                ));
+            }
+            Ok(addr) if !ipv4.contains(&addr) => {
+                if at.is_some() {
+                    listed_seen.push(addr);
+                }
+                ipv4.push(addr)
+            }
+            Ok(addr) => {
+                if at.is_some() {
+                    listed_seen.push(addr);
+                }
+            }
             Err(_) => problems.push(Problem::new(
                 object(),
                 match at {
@@ -315,7 +417,10 @@ fn interface(n: Interface, problems: &mut Vec<Problem>) -> NetworkInterface {
     }
 }
 
-fn permission(p: Permission, at: &str) -> Result<Rule, (String, String)> {
+/// One permission of the file (at field `at`), its origin, and every problem it has on
+/// its own.
+fn permission(p: Permission, at: &str, rank: u32) -> (Option<Rule>, RuleOrigin, FieldErrors) {
+    let mut errors = Vec::new();
     let protocol = match &p.ip_protocol {
         serde_json::Value::String(s) => Protocol::parse(s),
         serde_json::Value::Number(n) => match n.as_i64() {
@@ -324,91 +429,156 @@ fn permission(p: Permission, at: &str) -> Result<Rule, (String, String)> {
             None => None,
         },
         _ => None,
-    }
-    .ok_or_else(|| {
-        (
+    };
+    if protocol.is_none() {
+        errors.push((
             format!("{at}.IpProtocol"),
             format!(
                 "unknown protocol {}; use tcp, udp, icmp, icmpv6, -1 or a number 0-255",
                 p.ip_protocol
             ),
-        )
-    })?;
-    let ports = if protocol.has_ports() {
-        let port = |v: Option<i64>, name: &str, default: u16| -> Result<u16, (String, String)> {
-            match v {
-                None | Some(-1) => Ok(default),
-                Some(n) => u16::try_from(n)
-                    .map_err(|_| (format!("{at}.{name}"), format!("{n} is not a port 0-65535"))),
+        ));
+    }
+    // FromPort/ToPort: a whole number, or absent.
+    let mut number = |v: &Option<serde_json::Value>, name: &str| -> Option<i64> {
+        match v {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::Number(n)) if n.as_i64().is_some() => n.as_i64(),
+            Some(other) => {
+                errors.push((
+                    format!("{at}.{name}"),
+                    format!("{other} is not a whole number"),
+                ));
+                Some(-1)
             }
-        };
-        PortMatch::Ports {
-            from: port(p.from_port, "FromPort", 0)?,
-            to: port(p.to_port, "ToPort", u16::MAX)?,
         }
-    } else if protocol.is_icmp() {
-        let field = |v: Option<i64>, name: &str| -> Result<Option<u8>, (String, String)> {
-            match v {
-                None | Some(-1) => Ok(None),
-                Some(n) => u8::try_from(n).map(Some).map_err(|_| {
-                    (
-                        format!("{at}.{name}"),
-                        format!("{n} is not -1 or an ICMP value 0-255"),
-                    )
-                }),
+    };
+    let (from, to) = (
+        number(&p.from_port, "FromPort"),
+        number(&p.to_port, "ToPort"),
+    );
+    // As the EC2 API: TCP, UDP and ICMP permissions name their ports or types.
+    if let Some(proto) = protocol.filter(|p| p.has_ports() || *p == Protocol::Number(1)) {
+        for (v, name) in [(from, "FromPort"), (to, "ToPort")] {
+            if v.is_none() {
+                errors.push((
+                    format!("{at}.{name}"),
+                    if proto.has_ports() {
+                        format!("a {proto} permission needs FromPort and ToPort (0 and 65535 for every port)")
+                    } else {
+                        "an icmp permission needs FromPort (the type) and ToPort (the code); -1 means any".to_string()
+                    },
+                ));
             }
-        };
-        PortMatch::Icmp {
-            icmp_type: field(p.from_port, "FromPort")?,
-            code: field(p.to_port, "ToPort")?,
         }
-    } else {
-        PortMatch::Any
+    }
+    let ports = match protocol {
+        Some(proto) if proto.has_ports() => {
+            let mut port = |v: Option<i64>, name: &str, default: u16| -> u16 {
+                match v {
+                    None | Some(-1) => default,
+                    Some(n) => u16::try_from(n).unwrap_or_else(|_| {
+                        errors.push((format!("{at}.{name}"), format!("{n} is not a port 0-65535")));
+                        default
+                    }),
+                }
+            };
+            PortMatch::Ports {
+                from: port(from, "FromPort", 0),
+                to: port(to, "ToPort", u16::MAX),
+            }
+        }
+        Some(proto) if proto.is_icmp() => {
+            let mut field = |v: Option<i64>, name: &str| -> Option<u8> {
+                match v {
+                    None | Some(-1) => None,
+                    Some(n) => u8::try_from(n).map(Some).unwrap_or_else(|_| {
+                        errors.push((
+                            format!("{at}.{name}"),
+                            format!("{n} is not -1 or an ICMP value 0-255"),
+                        ));
+                        None
+                    }),
+                }
+            };
+            PortMatch::Icmp {
+                icmp_type: field(from, "FromPort"),
+                code: field(to, "ToPort"),
+            }
+        }
+        _ => PortMatch::Any,
+    };
+    let mut origin = RuleOrigin {
+        rank,
+        protocol: format!("{at}.IpProtocol"),
+        ports: format!("{at}.FromPort"),
+        icmp_type: format!("{at}.FromPort"),
+        icmp_code: format!("{at}.ToPort"),
+        peers: at.to_string(),
+        peer: Vec::new(),
     };
     let mut peers = Vec::new();
     let mut description = None;
+    let cidr =
+        |text: &str, field: String, family: Family, errors: &mut Vec<(String, String)>| match text
+            .parse::<Cidr>(
+        ) {
+            Ok(c) if c.family() == family => Some((c, field)),
+            Ok(c) => {
+                errors.push((field, format!("{c} is not an {family} CIDR")));
+                None
+            }
+            Err(m) => {
+                errors.push((field, m.to_string()));
+                None
+            }
+        };
     for (i, r) in p.ip_ranges.iter().enumerate() {
-        let c = r
-            .cidr_ip
-            .parse::<Cidr>()
-            .map_err(|m| (format!("{at}.IpRanges[{i}].CidrIp"), m.to_string()))?;
-        if c.family() != Family::V4 {
-            return Err((
-                format!("{at}.IpRanges[{i}].CidrIp"),
-                format!("{c} is not an IPv4 CIDR"),
-            ));
+        let field = format!("{at}.IpRanges[{i}].CidrIp");
+        if let Some((c, field)) = cidr(&r.cidr_ip, field, Family::V4, &mut errors) {
+            peers.push(Peer::Cidr(c));
+            origin.peer.push(field);
         }
-        peers.push(Peer::Cidr(c));
         description = description.or(r.description.clone());
     }
     for (i, r) in p.ipv6_ranges.iter().enumerate() {
-        let c = r
-            .cidr_ipv6
-            .parse::<Cidr>()
-            .map_err(|m| (format!("{at}.Ipv6Ranges[{i}].CidrIpv6"), m.to_string()))?;
-        if c.family() != Family::V6 {
-            return Err((
-                format!("{at}.Ipv6Ranges[{i}].CidrIpv6"),
-                format!("{c} is not an IPv6 CIDR"),
-            ));
+        let field = format!("{at}.Ipv6Ranges[{i}].CidrIpv6");
+        if let Some((c, field)) = cidr(&r.cidr_ipv6, field, Family::V6, &mut errors) {
+            peers.push(Peer::Cidr(c));
+            origin.peer.push(field);
         }
-        peers.push(Peer::Cidr(c));
         description = description.or(r.description.clone());
     }
-    for pair in &p.user_id_group_pairs {
+    for (i, pair) in p.user_id_group_pairs.iter().enumerate() {
         peers.push(Peer::Group(pair.group_id.clone()));
+        origin
+            .peer
+            .push(format!("{at}.UserIdGroupPairs[{i}].GroupId"));
         description = description.or(pair.description.clone());
     }
-    for pl in &p.prefix_list_ids {
+    for (i, pl) in p.prefix_list_ids.iter().enumerate() {
         peers.push(Peer::PrefixList(pl.prefix_list_id.clone()));
+        origin
+            .peer
+            .push(format!("{at}.PrefixListIds[{i}].PrefixListId"));
         description = description.or(pl.description.clone());
     }
-    Ok(Rule {
-        protocol,
-        ports,
+    // With problems, what is kept is only for checking the peers' references.
+    let rule = (errors.is_empty() || !peers.is_empty()).then(|| Rule {
+        protocol: if errors.is_empty() {
+            protocol.expect("no errors")
+        } else {
+            Protocol::All
+        },
+        ports: if errors.is_empty() {
+            ports
+        } else {
+            PortMatch::Any
+        },
         peers,
         description,
-    })
+    });
+    (rule, origin, errors)
 }
 
 /// The state in AWS JSON shapes (the inverse of `parse`): one object with
@@ -469,6 +639,9 @@ fn permission_json(r: &Rule) -> serde_json::Value {
         Protocol::Number(n) => n.to_string(),
     };
     let (from, to) = match r.ports {
+        // As the EC2 API writes them: every port of TCP and UDP, every ICMP type.
+        PortMatch::Any if r.protocol.has_ports() => (Some(0), Some(65535)),
+        PortMatch::Any if r.protocol.is_icmp() => (Some(-1), Some(-1)),
         PortMatch::Any => (None, None),
         PortMatch::Ports { from, to } => (Some(from as i64), Some(to as i64)),
         PortMatch::Icmp { icmp_type, code } => (

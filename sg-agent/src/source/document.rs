@@ -129,13 +129,15 @@ impl Document {
         }
     }
 
-    /// Whether the ids and MAC addresses of `items` are used by no other interface.
+    /// Whether the ids, MAC addresses and private addresses of `items` are used by no
+    /// other interface.
     fn unique(&self, items: &[NetworkInterface]) -> bool {
         items.iter().all(|n| {
             self.ids.get(&hash_of(&n.id)) == Some(&1)
                 && n.mac
                     .as_ref()
                     .is_none_or(|m| self.macs.get(&hash_of(m)) == Some(&1))
+                && n.addresses().all(|a| self.addresses.get(&a) == Some(&1))
         })
     }
 
@@ -354,6 +356,12 @@ fn json_array_items(b: &[u8], mut i: usize) -> Option<(Vec<Range<usize>>, usize)
 
 /// Spans of the items of the top-level `NetworkInterfaces` list of an AWS JSON state.
 fn json_interface_spans(b: &[u8]) -> Option<Vec<Range<usize>>> {
+    json_top_level_items(b, b"NetworkInterfaces")
+}
+
+/// Spans of the items of the top-level list `key` of a JSON object (empty when the key
+/// is absent); None when the text is not one object this scanner can follow.
+pub(super) fn json_top_level_items(b: &[u8], wanted: &[u8]) -> Option<Vec<Range<usize>>> {
     let mut i = skip_ws(b, 0);
     if b.get(i) != Some(&b'{') {
         return None;
@@ -368,7 +376,7 @@ fn json_interface_spans(b: &[u8]) -> Option<Vec<Range<usize>>> {
             return None;
         }
         i = skip_ws(b, i + 1);
-        if key == b"NetworkInterfaces" {
+        if key == wanted {
             if found.is_some() {
                 return None;
             }

@@ -29,11 +29,15 @@ pub use file::FileSource;
 
 use crate::{
     model::{
-        group_object, interface_object, prefix_list_object, Direction, NetworkInterface, Peer,
-        PortMatch, PrefixList, Problem, Protocol, Rule, SecurityGroup, Settings, State,
+        group_object, interface_object, prefix_list_object, rule_rank, Direction, NetworkInterface,
+        Origins, Peer, PortMatch, PrefixList, Problem, Protocol, Rule, RuleOrigin, SecurityGroup,
+        Settings, State,
     },
     net::{Cidr, Family},
 };
+
+/// Problems of one part of a file: (field, message) pairs, in the order found.
+type FieldErrors = Vec<(String, String)>;
 
 /// Where the desired state comes from: a file here, etcd for fleets. The agent reads the
 /// whole content and parses it with the format chosen by content.
@@ -129,20 +133,30 @@ pub fn parse_text(path: &Path, bytes: &[u8]) -> Result<State, StateError> {
 /// Parses and validates state text in either format.
 pub fn parse_str(text: &str) -> Result<State, Vec<Problem>> {
     let text = without_bom(text);
-    let (state, lines) = if is_aws_json(text) {
-        (aws::parse(text)?, ObjectLines::default())
+    let parsed = if is_aws_json(text) {
+        aws::parse(text)
     } else {
-        native::parse(text)?
+        native::parse(text)
     };
+    let (state, lines, origins) = parsed.map_err(in_file_order)?;
     let state = resolve_peer_kinds(state);
-    let mut problems = state.validate();
+    let mut problems = state.validate_named(&origins);
     if problems.is_empty() {
         return Ok(state);
     }
     for p in &mut problems {
         p.line = p.line.or_else(|| lines.get(&state, &p.object));
     }
-    Err(problems)
+    Err(in_file_order(problems))
+}
+
+/// Problems in the order of the file: by line, then by place within the object, then
+/// as found; each once.
+fn in_file_order(mut problems: Vec<Problem>) -> Vec<Problem> {
+    problems.sort_by_key(|p| (p.line.unwrap_or(0), p.rank));
+    let mut seen = std::collections::HashSet::new();
+    problems.retain(|p| seen.insert((p.object.clone(), p.field.clone(), p.message.clone())));
+    problems
 }
 
 /// A peer id that names a prefix list is a prefix-list reference, whatever its spelling

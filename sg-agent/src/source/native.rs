@@ -40,11 +40,44 @@ struct RawGroup {
     egress: Option<Vec<RawRule>>,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
+/// A value written as a string or a whole number (protocols, ports, ICMP fields). Its
+/// own visitor, so a wrong type says what is expected in the user's terms.
 enum StrOrInt {
     Str(String),
     Int(i64),
+}
+
+impl<'de> Deserialize<'de> for StrOrInt {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = StrOrInt;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or a whole number")
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<StrOrInt, E> {
+                Ok(StrOrInt::Int(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<StrOrInt, E> {
+                i64::try_from(v)
+                    .map(StrOrInt::Int)
+                    .map_err(|_| E::custom(format!("{v} is too large")))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<StrOrInt, E> {
+                Ok(StrOrInt::Str(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl StrOrInt {
+    fn shown(&self) -> String {
+        match self {
+            StrOrInt::Str(s) => format!("{s:?}"),
+            StrOrInt::Int(n) => n.to_string(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -54,9 +87,9 @@ struct RawRule {
     #[serde(default)]
     ports: Option<StrOrInt>,
     #[serde(default)]
-    icmp_type: Option<i64>,
+    icmp_type: Option<StrOrInt>,
     #[serde(default)]
-    icmp_code: Option<i64>,
+    icmp_code: Option<StrOrInt>,
     #[serde(default)]
     from: Vec<String>,
     #[serde(default)]
@@ -92,10 +125,10 @@ struct RawInterface {
     timeouts: BTreeMap<String, u32>,
 }
 
-pub fn parse(text: &str) -> Result<(State, super::ObjectLines), Vec<Problem>> {
+pub fn parse(text: &str) -> Result<(State, super::ObjectLines, Origins), Vec<Problem>> {
     let file: File = toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| super::Lines::new(text).line(s.start));
-        let mut p = Problem::new("file", "syntax", e.message().trim().to_string());
+        let mut p = Problem::new("file", "syntax", super::aws::friendly(e.message().trim()));
         p.line = line;
         vec![p]
     })?;
@@ -107,6 +140,7 @@ pub fn parse(text: &str) -> Result<(State, super::ObjectLines), Vec<Problem>> {
         )]);
     }
     let mut problems = Vec::new();
+    let mut origins = Origins::default();
     let mut lines = super::ObjectLines::default();
     let index = super::Lines::new(text);
     let mut state = State {
@@ -121,19 +155,26 @@ pub fn parse(text: &str) -> Result<(State, super::ObjectLines), Vec<Problem>> {
         let line = index.line(g.id.span().start);
         lines.named.insert(object.clone(), line);
         let _ = g.description;
+        let gi = state.security_groups.len();
         let mut rules = |raw: Vec<RawRule>, dir: Direction| -> Vec<Rule> {
-            raw.into_iter()
-                .enumerate()
-                .filter_map(|(i, r)| match rule(r, dir, &format!("{dir}[{i}]")) {
-                    Ok(r) => Some(r),
-                    Err((field, msg)) => {
-                        let mut p = Problem::new(&object, field, msg);
-                        p.line = Some(line);
-                        problems.push(p);
-                        None
-                    }
-                })
-                .collect()
+            let mut out = Vec::new();
+            for (i, r) in raw.into_iter().enumerate() {
+                let (rule, errors) = rule(r, dir, i);
+                let rank = rule_rank(dir, i);
+                for (field, msg) in errors {
+                    let mut p = Problem::new(&object, field, msg);
+                    p.line = Some(line);
+                    p.rank = rank;
+                    problems.push(p);
+                }
+                // A rule with problems is kept with its well-formed peers only, so that
+                // their references are checked too; the state is refused anyway.
+                if let Some((rule, origin)) = rule {
+                    origins.rules.insert((gi, dir, out.len()), origin);
+                    out.push(rule);
+                }
+            }
+            out
         };
         let ingress = rules(g.ingress, Direction::Ingress);
         let egress = match g.egress {
@@ -187,15 +228,13 @@ pub fn parse(text: &str) -> Result<(State, super::ObjectLines), Vec<Problem>> {
             .push(interface(n, Some(line), &mut problems));
     }
     if problems.is_empty() {
-        Ok((state, lines))
+        Ok((state, lines, origins))
     } else {
         // Report structural problems together with what validation finds.
-        problems.extend(state.validate().into_iter().map(|mut p| {
+        problems.extend(state.validate_named(&origins).into_iter().map(|mut p| {
             p.line = lines.get(&state, &p.object);
             p
         }));
-        problems.sort();
-        problems.dedup();
         Err(problems)
     }
 }
@@ -262,60 +301,84 @@ fn interface(
     }
 }
 
-fn rule(r: RawRule, dir: Direction, at: &str) -> Result<Rule, (String, String)> {
+/// One rule of the file (rule `index` of `dir`) with its origin, and every problem it has
+/// on its own.
+fn rule(r: RawRule, dir: Direction, index: usize) -> (Option<(Rule, RuleOrigin)>, FieldErrors) {
+    let at = format!("{dir}[{index}]");
+    let mut errors = Vec::new();
     let protocol = match &r.protocol {
         StrOrInt::Str(s) => Protocol::parse(s),
         StrOrInt::Int(-1) => Some(Protocol::All),
         StrOrInt::Int(n) => u8::try_from(*n).ok().map(Protocol::Number),
-    }
-    .ok_or_else(|| {
-        let shown = match &r.protocol {
-            StrOrInt::Str(s) => format!("{s:?}"),
-            StrOrInt::Int(n) => n.to_string(),
-        };
-        (
+    };
+    if protocol.is_none() {
+        errors.push((
             format!("{at}.protocol"),
             format!(
-                "unknown protocol {shown}; use tcp, udp, icmp, icmpv6, all (-1) or a number 0-255"
+                "unknown protocol {}; use tcp, udp, icmp, icmpv6, all (-1) or a number 0-255",
+                r.protocol.shown()
             ),
-        )
-    })?;
-    let ports = match (&r.ports, r.icmp_type, r.icmp_code) {
+        ));
+    }
+    let icmp_field = |v: &Option<StrOrInt>, name: &str, errors: &mut Vec<(String, String)>| match v
+    {
+        None | Some(StrOrInt::Int(-1)) => None,
+        Some(StrOrInt::Int(n)) => match u8::try_from(*n) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                errors.push((format!("{at}.{name}"), format!("{n} is not -1 or 0-255")));
+                None
+            }
+        },
+        Some(StrOrInt::Str(s)) => {
+            errors.push((
+                format!("{at}.{name}"),
+                format!("{s:?} is not a number: write -1 (any) or 0-255"),
+            ));
+            None
+        }
+    };
+    let ports = match (&r.ports, &r.icmp_type, &r.icmp_code) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+            errors.push((
+                format!("{at}.ports"),
+                "give either ports or icmp_type/icmp_code, not both".into(),
+            ));
+            PortMatch::Any
+        }
         (Some(p), None, None) => {
-            if !protocol.has_ports() {
-                return Err((
+            if protocol.is_some_and(|p| !p.has_ports()) {
+                errors.push((
                     format!("{at}.ports"),
-                    format!("ports apply only to tcp and udp, not {protocol}"),
+                    format!(
+                        "ports apply only to tcp and udp, not {}",
+                        protocol.expect("checked")
+                    ),
                 ));
             }
-            parse_ports(p).map_err(|m| (format!("{at}.ports"), m))?
+            match parse_ports(p) {
+                Ok(ports) => ports,
+                Err(m) => {
+                    errors.push((format!("{at}.ports"), m));
+                    PortMatch::Any
+                }
+            }
         }
         (None, None, None) => PortMatch::Any,
         (None, t, c) => {
-            if !protocol.is_icmp() {
-                return Err((
+            if protocol.is_some_and(|p| !p.is_icmp()) {
+                errors.push((
                     format!("{at}.icmp_type"),
-                    format!("ICMP type and code apply only to icmp and icmpv6, not {protocol}"),
+                    format!(
+                        "ICMP type and code apply only to icmp and icmpv6, not {}",
+                        protocol.expect("checked")
+                    ),
                 ));
             }
-            let field = |v: Option<i64>, name: &str| -> Result<Option<u8>, (String, String)> {
-                match v {
-                    None | Some(-1) => Ok(None),
-                    Some(n) => u8::try_from(n)
-                        .map(Some)
-                        .map_err(|_| (format!("{at}.{name}"), format!("{n} is not -1 or 0-255"))),
-                }
-            };
             PortMatch::Icmp {
-                icmp_type: field(t, "icmp_type")?,
-                code: field(c, "icmp_code")?,
+                icmp_type: icmp_field(t, "icmp_type", &mut errors),
+                code: icmp_field(c, "icmp_code", &mut errors),
             }
-        }
-        (Some(_), _, _) => {
-            return Err((
-                format!("{at}.ports"),
-                "give either ports or icmp_type/icmp_code, not both".into(),
-            ))
         }
     };
     let (peers_field, peers, other, other_name) = match dir {
@@ -323,27 +386,44 @@ fn rule(r: RawRule, dir: Direction, at: &str) -> Result<Rule, (String, String)> 
         Direction::Egress => ("to", &r.to, &r.from, "from"),
     };
     if !other.is_empty() {
-        return Err((
+        errors.push((
             format!("{at}.{other_name}"),
             format!("{dir} rules name their peers in {peers_field:?}, not {other_name:?}"),
         ));
     }
     if peers.is_empty() {
-        return Err((
+        errors.push((
             format!("{at}.{peers_field}"),
             "a rule needs at least one peer".into(),
         ));
     }
+    let mut origin = RuleOrigin::native(dir, index, 0);
     let mut out = Vec::new();
     for (j, p) in peers.iter().enumerate() {
-        out.push(parse_peer(p).map_err(|m| (format!("{at}.{peers_field}[{j}]"), m))?);
+        match parse_peer(p) {
+            Ok(peer) => {
+                out.push(peer);
+                origin.peer.push(format!("{at}.{peers_field}[{j}]"));
+            }
+            Err(m) => errors.push((format!("{at}.{peers_field}[{j}]"), m)),
+        }
     }
-    Ok(Rule {
-        protocol,
-        ports,
-        peers: out,
-        description: r.description,
-    })
+    // With problems, what is kept is only for checking the peers' references.
+    let ok = errors.is_empty();
+    let rule = (ok || !out.is_empty()).then(|| {
+        let rule = Rule {
+            protocol: if ok {
+                protocol.expect("no errors")
+            } else {
+                Protocol::All
+            },
+            ports: if ok { ports } else { PortMatch::Any },
+            peers: out,
+            description: r.description,
+        };
+        (rule, origin)
+    });
+    (rule, errors)
 }
 
 fn parse_ports(p: &StrOrInt) -> Result<PortMatch, String> {
