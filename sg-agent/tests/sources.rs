@@ -194,3 +194,32 @@ fn aws_json_written_then_parsed_is_the_same_state() {
         assert_eq!(to_aws_json(&back), json, "canonical bytes");
     }
 }
+
+/// A FIFO (or any file that is not regular) is refused at once instead of blocking
+/// `validate` forever; a UTF-8 byte-order mark is ignored in both formats.
+#[test]
+fn fifos_are_refused_and_byte_order_marks_ignored() {
+    let dir = std::env::temp_dir().join(format!("sg-fifo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("state.toml");
+    let _ = std::fs::remove_file(&fifo);
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    let started = std::time::Instant::now();
+    let err = load_file(&fifo).expect_err("a FIFO is not a state file");
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    assert!(err.to_string().contains("is not a regular file"), "{err}");
+    for (name, text) in [
+        ("bom.toml", example("two-tier.toml")),
+        ("bom.json", example("two-tier.json")),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("\u{feff}{text}")).unwrap();
+        let with = load_file(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(with.state, parse_str(&text).unwrap(), "{name}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
