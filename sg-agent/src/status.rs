@@ -13,12 +13,20 @@ use std::{
 use sg_common::{counter, ct, drop_reason, Counters, DIR_EGRESS, DIR_INGRESS};
 
 use crate::{
-    agent::Orphan,
     compile::Plan,
     datapath::{DatapathError, IngressHook, Tables},
     source::LoadedState,
     sys,
 };
+
+/// An orphaned interface as status reports it.
+#[derive(Clone, Debug)]
+pub struct OrphanView {
+    pub name: String,
+    pub network_interface: String,
+    pub groups: Vec<String>,
+    pub since: SystemTime,
+}
 
 /// What the running agent reports about itself.
 pub struct AgentView<'a> {
@@ -31,7 +39,8 @@ pub struct AgentView<'a> {
     pub plan: &'a Plan,
     /// Interface names by ifindex.
     pub names: &'a BTreeMap<u32, String>,
-    pub orphans: &'a BTreeMap<u32, Orphan>,
+    /// Orphaned interfaces by ifindex (SPEC §4).
+    pub orphans: &'a BTreeMap<u32, OrphanView>,
     pub enforcement_lost: u64,
     pub last_lost: Option<SystemTime>,
 }
@@ -54,7 +63,7 @@ pub fn agent_document(v: &AgentView<'_>) -> String {
                 "name": v.names.get(ifindex),
                 "network_interface": p.eni,
                 "groups": match v.orphans.get(ifindex) {
-                    Some(o) => o.interface.groups.clone(),
+                    Some(o) => o.groups.clone(),
                     None => v.applied.and_then(|s| s.state.interface(&p.eni)).map(|n| n.groups.clone()).unwrap_or_default(),
                 },
                 "orphaned": v.orphans.contains_key(ifindex),
@@ -68,7 +77,7 @@ pub fn agent_document(v: &AgentView<'_>) -> String {
             serde_json::json!({
                 "ifindex": ifindex,
                 "name": o.name,
-                "network_interface": o.interface.id,
+                "network_interface": o.network_interface,
                 "orphaned_since_unix": unix(o.since),
                 "orphaned_seconds": SystemTime::now().duration_since(o.since).map(|d| d.as_secs()).unwrap_or(0),
             })

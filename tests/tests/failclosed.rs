@@ -291,12 +291,11 @@ fn one_agent_owns_the_pins_and_lost_enforcement_is_restored() {
     let mut agent = t.db.start_agent(&state, &[], &dir.path("agent-1.log"));
     t.db.wait_applied(&sha, &mut agent);
     // A second agent on the same pins exits 1 and names the holder.
-    let out =
+    let out = exits(
         t.db.cmd(sg_tests::lab::agent_bin())
             .args(["run", "--state"])
-            .arg(&state)
-            .output()
-            .expect("second run");
+            .arg(&state),
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "second run: {err}");
     assert!(

@@ -229,6 +229,19 @@ impl Agent {
     }
 
     fn write_status(&mut self) {
+        let orphans: BTreeMap<u32, status::OrphanView> = self
+            .orphans
+            .iter()
+            .map(|(ifindex, o)| {
+                let view = status::OrphanView {
+                    name: o.name.clone(),
+                    network_interface: o.interface.id.clone(),
+                    groups: o.interface.groups.clone(),
+                    since: o.since,
+                };
+                (*ifindex, view)
+            })
+            .collect();
         let doc = status::agent_document(&status::AgentView {
             state_path: &self.opts.state,
             applied: self.state.as_ref(),
@@ -238,7 +251,7 @@ impl Agent {
             revalidate: self.opts.revalidate,
             plan: &self.plan,
             names: &self.names,
-            orphans: &self.orphans,
+            orphans: &orphans,
             enforcement_lost: self.enforcement_lost,
             last_lost: self.last_lost,
         });

@@ -37,7 +37,11 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sg
 
 /// SHA-256 of the embedded eBPF object (empty when it is the stub).
 pub fn object_sha256() -> String {
-    crate::source::sha256_hex(OBJECT)
+    use sha2::Digest;
+    sha2::Sha256::digest(OBJECT)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]
