@@ -53,10 +53,16 @@ pub fn revalidate(dp: &mut Datapath, plan: &Plan) -> Result<usize, DatapathError
     dp.delete_flows(&stale)
 }
 
-/// Whether a flow key is an ICMP echo flow (identifier in `local_port`).
+/// Whether a flow key is an ICMP query flow (identifier in `local_port`).
 fn is_echo(key: &CtKey) -> bool {
     matches!(key.protocol, PROTO_ICMP | PROTO_ICMPV6)
         && u16::from_be_bytes(key.remote_port) & ECHO_PORT_MARK != 0
+}
+
+/// The request type of an ICMP query flow's key (`sg_common::icmp_query_port`).
+fn query_request_type(key: &CtKey) -> u8 {
+    let pair = (u16::from_be_bytes(key.remote_port) >> 1) as u8 & 3;
+    ct::icmp_query_request(key.protocol == PROTO_ICMPV6, pair)
 }
 
 /// The protocol and policy port of the packet that opened a tracked flow.
@@ -71,9 +77,8 @@ pub fn opening_port(key: &CtKey, origin: u8) -> (u8, u16) {
                 remote
             }
         }
-        // Echo flows: the request (8 or 128), code 0.
-        PROTO_ICMP if is_echo(key) => 8 << 8,
-        PROTO_ICMPV6 if is_echo(key) => 128 << 8,
+        // Query flows: the request's type, code 0.
+        PROTO_ICMP | PROTO_ICMPV6 if is_echo(key) => (query_request_type(key) as u16) << 8,
         _ => 0,
     };
     (key.protocol, port)

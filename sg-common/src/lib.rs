@@ -36,10 +36,17 @@ pub mod ethertype {
     pub const QINQ: u16 = 0x88A8;
 }
 
-/// ICMP echo flows keep the identifier in `CtKey::local_port` and this mark, ORed with the
-/// direction the request travelled, in `CtKey::remote_port`: only a reply matches the
+/// ICMP query flows (SPEC §1.3) keep the identifier in `CtKey::local_port` and, in
+/// `CtKey::remote_port`, this mark ORed with the query pair (`ct::icmp_query`) shifted left
+/// by one and the direction the request travelled: only the matching reply matches the
 /// other way, and a same-id request from the peer is a new flow.
 pub const ECHO_PORT_MARK: u16 = 0x100;
+
+/// `CtKey::remote_port` of an ICMP query flow of `pair` whose request travelled `origin`.
+#[inline(always)]
+pub const fn icmp_query_port(pair: u8, origin: u8) -> u16 {
+    ECHO_PORT_MARK | ((pair as u16 & 3) << 1) | (origin as u16 & 1)
+}
 
 /// Kinds of link pin per interface (`<ifindex>-<kind>` under `links/`): XDP ingress, TC
 /// ingress, TC egress.
@@ -69,13 +76,17 @@ pub mod counter {
     pub const NOT_IP: u32 = 6;
     /// Allowed stateless (an echo reply or other packet with no flow to open).
     pub const ALLOWED_STATELESS: u32 = 7;
+    /// A flow event that the full ring could not take (SPEC §7: losses are counted).
+    pub const EVENTS_LOST: u32 = 8;
+    /// A rule hit whose rule id lies beyond the hit map.
+    pub const RULE_HITS_LOST: u32 = 9;
     pub const ALLOW_SLOTS: u32 = 16;
     /// Drop reasons occupy `ALLOW_SLOTS + reason`.
     pub const fn drop_slot(reason: u32) -> u32 {
         ALLOW_SLOTS + reason
     }
     pub const PER_DIRECTION: u32 = 32;
-    pub const NAMES: [&str; 8] = [
+    pub const NAMES: [&str; 10] = [
         "allowed_new",
         "allowed_tracked",
         "allowed_untracked",
@@ -84,6 +95,8 @@ pub mod counter {
         "infrastructure",
         "not_ip",
         "allowed_stateless",
+        "events_lost",
+        "rule_hits_lost",
     ];
 }
 
@@ -101,7 +114,9 @@ pub mod drop_reason {
     pub const CONNTRACK_FULL: u32 = 9;
     pub const VLAN_TOO_DEEP: u32 = 10;
     pub const BAD_IP_VERSION: u32 = 11;
-    pub const COUNT: u32 = 12;
+    /// A TCP flag combination no real stack sends (netfilter's `tcp_valid_flags`).
+    pub const INVALID_TCP_FLAGS: u32 = 12;
+    pub const COUNT: u32 = 13;
     pub const NAMES: [&str; COUNT as usize] = [
         "none",
         "policy",
@@ -115,6 +130,7 @@ pub mod drop_reason {
         "conntrack_allowance_exceeded",
         "vlan_too_deep",
         "bad_ip_version",
+        "invalid_tcp_flags",
     ];
 }
 

@@ -19,17 +19,30 @@ pub fn count(counters: u32, dir: u8, slot: u32) {
     }
 }
 
+/// Counts a flow admitted by `rule_id`; a rule id beyond the hit map is counted as lost.
 #[inline(always)]
-pub fn rule_hit(rule_id: u32) {
-    if let Some(p) = SG_RULE_HITS.get_ptr_mut(rule_id) {
-        // SAFETY: per-CPU value.
-        unsafe { *p += 1 };
+pub fn rule_hit(counters: u32, dir: u8, rule_id: u32) {
+    match SG_RULE_HITS.get_ptr_mut(rule_id) {
+        // SAFETY: per-CPU value, no other writer on this CPU.
+        Some(p) => unsafe { *p += 1 },
+        None => count(counters, dir, counter::RULE_HITS_LOST),
     }
 }
 
-/// Emits a flow event. Denied events are rate-limited per CPU.
+/// Emits a flow event. Denied events are rate-limited per CPU; an event the full ring
+/// cannot take is counted as lost (flow logs report it as SKIPDATA).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub fn event(kind: u8, ifindex: u32, dir: u8, ip: &Ip, rule_id: u32, now: u64, deny_rate: u32) {
+pub fn event(
+    counters: u32,
+    kind: u8,
+    ifindex: u32,
+    dir: u8,
+    ip: &Ip,
+    rule_id: u32,
+    now: u64,
+    deny_rate: u32,
+) {
     if kind == EVENT_DENIED {
         let Some(r) = SG_EVENT_RATE.get_ptr_mut(0) else {
             return;
@@ -46,6 +59,7 @@ pub fn event(kind: u8, ifindex: u32, dir: u8, ip: &Ip, rule_id: u32, now: u64, d
         r.count += 1;
     }
     let Some(mut slot) = SG_EVENTS.reserve::<FlowEvent>(0) else {
+        count(counters, dir, counter::EVENTS_LOST);
         return;
     };
     let (local, remote, lport, rport) = if dir == DIR_INGRESS {

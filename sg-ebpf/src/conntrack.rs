@@ -12,13 +12,13 @@ use crate::{
     parse::{Ip, L4},
 };
 
-/// Echo requests and replies: (is echo, is request).
+/// The ICMP query a packet is (request or reply, and its pair), if it is one.
 #[inline(always)]
-pub fn echo_kind(family: u8, protocol: u8, icmp_type: u8) -> (bool, bool) {
-    match (family, protocol, icmp_type) {
-        (FAMILY_V4, PROTO_ICMP, 8) | (FAMILY_V6, PROTO_ICMPV6, 128) => (true, true),
-        (FAMILY_V4, PROTO_ICMP, 0) | (FAMILY_V6, PROTO_ICMPV6, 129) => (true, false),
-        _ => (false, false),
+pub fn query_of(ip: &Ip) -> Option<(bool, u8)> {
+    match ip.protocol {
+        PROTO_ICMP if ip.family == FAMILY_V4 => icmp_query(false, ip.l4.icmp_type),
+        PROTO_ICMPV6 if ip.family == FAMILY_V6 => icmp_query(true, ip.l4.icmp_type),
+        _ => None,
     }
 }
 
@@ -33,17 +33,16 @@ pub fn key_of(ifindex: u32, dir: u8, ip: &Ip) -> CtKey {
     };
     let (local_port, remote_port) = match ip.protocol {
         PROTO_TCP | PROTO_UDP => (lport, rport),
-        PROTO_ICMP | PROTO_ICMPV6 => {
-            let (echo, request) = echo_kind(ip.family, ip.protocol, l4.icmp_type);
-            if echo {
-                // The identifier, and the direction the request travelled: a request from
-                // the peer with the same identifier is a different flow.
+        PROTO_ICMP | PROTO_ICMPV6 => match query_of(ip) {
+            // The identifier, the query pair and the direction the request travelled: a
+            // request from the peer with the same identifier is a different flow.
+            Some((request, pair)) => {
                 let origin = if request { dir } else { opposite(dir) };
-                (l4.sport, ECHO_PORT_MARK | origin as u16)
-            } else {
-                (0, 0)
+                (l4.sport, icmp_query_port(pair, origin))
             }
-        }
+            // Other ICMP is never tracked (the caller does not look it up).
+            None => (0, 0),
+        },
         _ => (0, 0),
     };
     CtKey {
@@ -143,11 +142,12 @@ pub fn track(key: &CtKey, ip: &Ip, dir: u8, cfg: &IfaceConfig, len: u32, now: u6
     Track::Miss
 }
 
-/// Whether any table holds a live flow for `key` (for related ICMP errors).
+/// Whether a table holds a live (unexpired) flow for `key` (for related ICMP errors).
 #[inline(always)]
-pub fn exists(key: &CtKey) -> bool {
-    // SAFETY: read-only presence checks.
-    unsafe { SG_CT.get(key).is_some() || SG_CT_NEW.get(key).is_some() }
+pub fn exists(key: &CtKey, cfg: &IfaceConfig, now: u64) -> bool {
+    let live = |e: &CtEntry| !is_expired(now, e.last_seen_ns, timeout(cfg, e, key.protocol));
+    // SAFETY: read-only lookups of plain-old-data values.
+    unsafe { SG_CT.get(key).is_some_and(live) || SG_CT_NEW.get(key).is_some_and(live) }
 }
 
 /// Opens a flow for an allowed first packet. Insertion is `BPF_NOEXIST`, so XDP and TC on

@@ -105,6 +105,8 @@ pub struct Ip {
     pub l4_off: usize,
     /// Bytes from the Ethernet header to the end of the IP packet (for flow accounting).
     pub len: u32,
+    /// IPv4 TTL or IPv6 hop limit.
+    pub hop_limit: u8,
 }
 
 /// L4 fields. Ports are host order. For ICMP, `sport` is the echo identifier.
@@ -191,6 +193,7 @@ fn parse_ipv4(f: &impl Frame, off: usize) -> Result<Ip, u32> {
         frag_id: be16([h[4], h[5]]) as u32,
         l4_off: off + ihl,
         len: (off + total) as u32,
+        hop_limit: h[8],
     };
     ip.src[..4].copy_from_slice(&h[12..16]);
     ip.dst[..4].copy_from_slice(&h[16..20]);
@@ -235,6 +238,7 @@ fn parse_ipv6(f: &impl Frame, off: usize) -> Result<Ip, u32> {
         frag_id: 0,
         l4_off: off + 40,
         len: (off + 40 + payload) as u32,
+        hop_limit: h[7],
     };
     ip.src.copy_from_slice(&h[8..24]);
     ip.dst.copy_from_slice(&h[24..40]);
@@ -342,6 +346,7 @@ pub fn parse_embedded(f: &impl Frame, outer: &Ip) -> Result<Ip, u32> {
         frag_id: 0,
         l4_off: 0,
         len: 0,
+        hop_limit: 0,
     };
     if outer.family == FAMILY_V4 {
         let h = read::<[u8; 20]>(f, off, dr::TRUNCATED_L4)?;
@@ -355,9 +360,9 @@ pub fn parse_embedded(f: &impl Frame, outer: &Ip) -> Result<Ip, u32> {
         ip.l4_off = off + ihl;
     } else {
         let h = read::<[u8; 40]>(f, off, dr::TRUNCATED_L4)?;
-        ip.protocol = h[6];
         ip.src.copy_from_slice(&h[8..24]);
         ip.dst.copy_from_slice(&h[24..40]);
+        ip.protocol = h[6];
         ip.l4_off = off + 40;
     }
     // The error quotes at least the first 8 bytes of the L4 header: ports or echo id.
@@ -377,20 +382,44 @@ pub fn parse_embedded(f: &impl Frame, outer: &Ip) -> Result<Ip, u32> {
     Ok(ip)
 }
 
-/// Infrastructure traffic that security groups never filter (SPEC §1.12): IPv6 neighbour
-/// and router discovery, MLD, DHCPv4 and DHCPv6.
+/// Infrastructure traffic that security groups never filter (SPEC §1.12), and only as
+/// wide as the link: IPv6 neighbour and router discovery with hop limit 255 (RFC 4861: it
+/// never crossed a router), MLD from a link-local (or unspecified) source with hop limit
+/// 1, DHCPv4 client requests to the broadcast or a link-local address and server replies,
+/// DHCPv6 to link-local addresses and the DHCPv6 multicast groups. The same types or ports
+/// outside this scope are ordinary packets.
 #[inline(always)]
 pub fn is_infrastructure(ip: &Ip) -> bool {
-    match ip.protocol {
-        PROTO_ICMPV6 if ip.family == FAMILY_V6 && ip.frag == FRAG_NONE => {
-            matches!(ip.l4.icmp_type, 130..=137 | 143)
-        }
-        PROTO_UDP if ip.frag == FRAG_NONE => {
-            let (s, d) = (ip.l4.sport, ip.l4.dport);
-            if ip.family == FAMILY_V4 {
-                (s == 68 && d == 67) || (s == 67 && d == 68)
-            } else {
-                (s == 546 && d == 547) || (s == 547 && d == 546)
+    if ip.frag != FRAG_NONE {
+        return false;
+    }
+    let link_local_v6 = |a: &[u8; 16]| a[0] == 0xfe && a[1] & 0xc0 == 0x80;
+    match (ip.family, ip.protocol) {
+        (FAMILY_V6, PROTO_ICMPV6) => match ip.l4.icmp_type {
+            133..=137 => ip.hop_limit == 255,
+            130..=132 | 143 => ip.hop_limit == 1 && (link_local_v6(&ip.src) || ip.src == [0; 16]),
+            _ => false,
+        },
+        (FAMILY_V4, PROTO_UDP) => match (ip.l4.sport, ip.l4.dport) {
+            (68, 67) => {
+                let d = &ip.dst;
+                d[..4] == [255, 255, 255, 255] || (d[0] == 169 && d[1] == 254)
+            }
+            (67, 68) => true,
+            _ => false,
+        },
+        (FAMILY_V6, PROTO_UDP) => {
+            let d = &ip.dst;
+            // ff02::1:2 (all relay agents and servers), ff05::1:3 (all servers).
+            let dhcp_group = (d[0] == 0xff && (d[1] == 0x02 || d[1] == 0x05))
+                && d[2..13] == [0; 11]
+                && d[13] == 1
+                && d[14] == 0
+                && (d[15] == 2 || d[15] == 3);
+            match (ip.l4.sport, ip.l4.dport) {
+                (546, 547) => link_local_v6(d) || dhcp_group,
+                (547, 546) => link_local_v6(d),
+                _ => false,
             }
         }
         _ => false,

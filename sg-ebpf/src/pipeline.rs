@@ -11,7 +11,7 @@ use sg_common::{counter, drop_reason, *};
 
 use crate::{
     account::{count, event, rule_hit},
-    conntrack::{self, echo_kind, Track},
+    conntrack::{self, Track},
     fragment,
     maps::{SG_GLOBAL, SG_IFACE},
     parse::{self, Frame, Ip, Parsed, FRAG_FIRST, FRAG_LATER},
@@ -109,18 +109,40 @@ pub fn process(f: &impl Frame, dir: u8) -> Result<(), Drop> {
 #[inline(always)]
 fn decide(f: &impl Frame, cfg: &IfaceConfig, ifindex: u32, dir: u8, ip: &Ip) -> bool {
     let (now, deny_rate) = now_ns();
-    if parse::is_icmp_error(ip.family, ip.protocol, ip.l4.icmp_type) {
-        // The quoted packet travelled the other way; it names the flow it is about.
+    if ip.protocol == PROTO_TCP && !ct::tcp_flags_valid(ip.l4.tcp_flags) {
+        count(
+            cfg.counter_slot,
+            dir,
+            counter::drop_slot(drop_reason::INVALID_TCP_FLAGS),
+        );
+        return false;
+    }
+    let icmp_error = parse::is_icmp_error(ip.family, ip.protocol, ip.l4.icmp_type);
+    if icmp_error {
+        // The quoted packet travelled the other way and names the flow it is about. As in
+        // netfilter, the error goes to the endpoint that sent the quoted packet, and the
+        // flow must be live: otherwise it is judged by the rules like any packet.
         if let Ok(inner) = parse::parse_embedded(f, ip) {
-            if conntrack::exists(&conntrack::key_of(ifindex, opposite(dir), &inner)) {
+            if ip.dst == inner.src
+                && conntrack::exists(&conntrack::key_of(ifindex, opposite(dir), &inner), cfg, now)
+            {
                 count(cfg.counter_slot, dir, counter::ALLOWED_RELATED);
                 return true;
             }
         }
     }
+    let query = conntrack::query_of(ip);
+    // Only ICMP queries are tracked: any other ICMP is judged by the rules, packet by
+    // packet, and never matches a flow.
+    let trackable = !matches!(ip.protocol, PROTO_ICMP | PROTO_ICMPV6) || query.is_some();
     let len = ip.len;
     let key = conntrack::key_of(ifindex, dir, ip);
-    match conntrack::track(&key, ip, dir, cfg, len, now) {
+    let tracked = if trackable {
+        conntrack::track(&key, ip, dir, cfg, len, now)
+    } else {
+        Track::Miss
+    };
+    match tracked {
         Track::Hit => {
             count(cfg.counter_slot, dir, counter::ALLOWED_TRACKED);
             return true;
@@ -141,7 +163,16 @@ fn decide(f: &impl Frame, cfg: &IfaceConfig, ifindex: u32, dir: u8, ip: &Ip) -> 
             dir,
             counter::drop_slot(drop_reason::POLICY),
         );
-        event(EVENT_DENIED, ifindex, dir, ip, 0, now, deny_rate);
+        event(
+            cfg.counter_slot,
+            EVENT_DENIED,
+            ifindex,
+            dir,
+            ip,
+            0,
+            now,
+            deny_rate,
+        );
         return false;
     };
     let untracked = match ip.protocol {
@@ -149,25 +180,28 @@ fn decide(f: &impl Frame, cfg: &IfaceConfig, ifindex: u32, dir: u8, ip: &Ip) -> 
         PROTO_UDP => grant.flags & GRANT_UNTRACKED_UDP != 0,
         _ => false,
     };
-    rule_hit(grant.rule_id);
+    rule_hit(cfg.counter_slot, dir, grant.rule_id);
     if untracked {
         count(cfg.counter_slot, dir, counter::ALLOWED_UNTRACKED);
         return true;
     }
-    // Replies, errors and resets open no flow of their own.
-    let (echo, request) = echo_kind(ip.family, ip.protocol, ip.l4.icmp_type);
+    // Only a SYN opens a TCP flow and only a request an ICMP one; other packets are judged
+    // packet by packet (SPEC §1.3, §1.11). A UDP packet that answers a flow the other
+    // direction admits untracked is such a reply too: it never opens a flow of its own.
     let opens = match ip.protocol {
-        PROTO_ICMP | PROTO_ICMPV6 => !echo || request,
-        PROTO_TCP => ip.l4.tcp_flags & ct::TH_RST == 0,
+        PROTO_ICMP | PROTO_ICMPV6 => matches!(query, Some((true, _))),
+        PROTO_TCP => ct::tcp_opens(ip.l4.tcp_flags),
+        PROTO_UDP => !answers_untracked(ifindex, dir, ip),
         _ => true,
     };
-    if !opens || parse::is_icmp_error(ip.family, ip.protocol, ip.l4.icmp_type) {
+    if !opens {
         count(cfg.counter_slot, dir, counter::ALLOWED_STATELESS);
         return true;
     }
     conntrack::open(&key, ip, dir, grant.rule_id, len, now);
     count(cfg.counter_slot, dir, counter::ALLOWED_NEW);
     event(
+        cfg.counter_slot,
         EVENT_ADMITTED,
         ifindex,
         dir,
@@ -177,4 +211,23 @@ fn decide(f: &impl Frame, cfg: &IfaceConfig, ifindex: u32, dir: u8, ip: &Ip) -> 
         deny_rate,
     );
     true
+}
+
+/// Whether a UDP packet with no flow answers one that the opposite direction admits
+/// untracked (SPEC §1.11: an untracked flow's replies never open a flow): the packet
+/// reversed, looked up in the other direction, has an untracked grant. Costs a policy
+/// lookup on UDP misses only.
+#[inline(always)]
+fn answers_untracked(ifindex: u32, dir: u8, ip: &Ip) -> bool {
+    // The request this would answer came from the same peer to this packet's source
+    // port, the other way.
+    policy::lookup_at(
+        ifindex,
+        opposite(dir),
+        ip.family,
+        policy::remote_of(dir, ip),
+        PROTO_UDP,
+        ip.l4.sport,
+    )
+    .is_some_and(|g| g.flags & GRANT_UNTRACKED_UDP != 0)
 }

@@ -13,10 +13,21 @@ use crate::{
     parse::Ip,
 };
 
+/// The remote side of a packet travelling `dir`: the source on ingress, the
+/// destination on egress.
 #[inline(always)]
-fn ruleset_of(ifindex: u32, dir: u8, ip: &Ip) -> Option<u32> {
-    let remote = if dir == DIR_INGRESS { ip.src } else { ip.dst };
-    if ip.family == FAMILY_V4 {
+pub fn remote_of(dir: u8, ip: &Ip) -> &[u8; 16] {
+    if dir == DIR_INGRESS {
+        &ip.src
+    } else {
+        &ip.dst
+    }
+}
+
+#[inline(always)]
+fn ruleset_of(ifindex: u32, dir: u8, family: u8, remote: &[u8; 16]) -> Option<u32> {
+    let remote = *remote;
+    if family == FAMILY_V4 {
         let mut addr = [0u8; 4];
         addr.copy_from_slice(&remote[..4]);
         let exact = Addr4Key {
@@ -77,13 +88,34 @@ pub fn policy_port(ip: &Ip) -> u16 {
 /// The grant that admits a new packet, if any rule does.
 #[inline(always)]
 pub fn lookup(ifindex: u32, dir: u8, ip: &Ip) -> Option<Grant> {
-    let ruleset = ruleset_of(ifindex, dir, ip)?;
+    lookup_at(
+        ifindex,
+        dir,
+        ip.family,
+        remote_of(dir, ip),
+        ip.protocol,
+        policy_port(ip),
+    )
+}
+
+/// The grant of a packet described by its parts: remote address, protocol and policy
+/// port, travelling `dir`.
+#[inline(always)]
+pub fn lookup_at(
+    ifindex: u32,
+    dir: u8,
+    family: u8,
+    remote: &[u8; 16],
+    protocol: u8,
+    port: u16,
+) -> Option<Grant> {
+    let ruleset = ruleset_of(ifindex, dir, family, remote)?;
     let key = Key::new(
         PORT_KEY_FULL_BITS,
         PortData {
             ruleset: ruleset.to_be_bytes(),
-            protocol: ip.protocol,
-            port: policy_port(ip).to_be_bytes(),
+            protocol,
+            port: port.to_be_bytes(),
             _pad: 0,
         },
     );

@@ -59,6 +59,8 @@ pub struct Spec {
     pub ipv6_ext: Vec<u8>,
     /// (identification, offset in bytes, more fragments).
     pub fragment: Option<(u32, u16, bool)>,
+    /// IPv4 TTL or IPv6 hop limit.
+    pub hop_limit: u8,
 }
 
 impl Spec {
@@ -72,6 +74,7 @@ impl Spec {
             ipv4_options: 0,
             ipv6_ext: vec![],
             fragment: None,
+            hop_limit: 64,
         }
     }
 
@@ -160,7 +163,7 @@ pub fn ipv4(s: &Spec, protocol: u8, l4: &[u8]) -> Vec<u8> {
     h.extend_from_slice(&(id as u16).to_be_bytes());
     let frag = (offset / 8) | if more { 0x2000 } else { 0 };
     h.extend_from_slice(&frag.to_be_bytes());
-    h.extend_from_slice(&[64, protocol, 0, 0]);
+    h.extend_from_slice(&[s.hop_limit, protocol, 0, 0]);
     h.extend(addr_bytes(&s.src));
     h.extend(addr_bytes(&s.dst));
     h.extend(std::iter::repeat_n(1u8, s.ipv4_options)); // NOP options
@@ -191,7 +194,7 @@ pub fn ipv6(s: &Spec, protocol: u8, l4: &[u8]) -> Vec<u8> {
     let first = chain.first().copied().unwrap_or(protocol);
     let mut h = vec![0x60, 0, 0, 0];
     h.extend_from_slice(&((ext.len() + l4.len()) as u16).to_be_bytes());
-    h.extend_from_slice(&[first, 64]);
+    h.extend_from_slice(&[first, s.hop_limit]);
     h.extend(addr_bytes(&s.src));
     h.extend(addr_bytes(&s.dst));
     h.extend(ext);

@@ -284,48 +284,76 @@ fn ingress_cases() -> Vec<(String, Vec<u8>, bool)> {
     frag_long.ipv6_ext = vec![60; 6];
     frag_long.fragment = Some((9, 0, true));
     add("ipv6 six ext + fragment header: too long", frag_long, false);
-    // Infrastructure passes whatever the rules.
-    add(
-        "icmpv6 neighbour solicitation",
-        icmp("2001:db8:2::9", ME6, 135, 0, 0),
-        true,
-    );
-    add(
-        "icmpv6 neighbour advertisement",
-        icmp("2001:db8:2::9", ME6, 136, 0, 0),
-        true,
-    );
-    add(
-        "icmpv6 router solicitation",
-        icmp("2001:db8:2::9", ME6, 133, 0, 0),
-        true,
-    );
-    add(
-        "icmpv6 router advertisement",
-        icmp("2001:db8:2::9", ME6, 134, 0, 0),
-        true,
-    );
-    add(
-        "icmpv6 redirect",
-        icmp("2001:db8:2::9", ME6, 137, 0, 0),
-        true,
-    );
-    add("mld query", icmp("2001:db8:2::9", ME6, 130, 0, 0), true);
-    add("mldv2 report", icmp("2001:db8:2::9", ME6, 143, 0, 0), true);
+    // Infrastructure passes whatever the rules, but only as wide as the link (SPEC
+    // §1.12): the same types or ports outside that scope are judged by the rules.
+    let hops = |mut s: Spec, hop_limit: u8| {
+        s.hop_limit = hop_limit;
+        s
+    };
+    for (name, icmp_type) in [
+        ("neighbour solicitation", 135),
+        ("neighbour advertisement", 136),
+        ("router solicitation", 133),
+        ("router advertisement", 134),
+        ("redirect", 137),
+    ] {
+        add(
+            &format!("icmpv6 {name}, hop limit 255"),
+            hops(icmp("2001:db8:2::9", ME6, icmp_type, 0, 0), 255),
+            true,
+        );
+        add(
+            &format!("icmpv6 {name} with hop limit 64 is not link traffic"),
+            hops(icmp("2001:db8:2::9", ME6, icmp_type, 0, 0), 64),
+            false,
+        );
+    }
+    for (name, icmp_type) in [("mld query", 130), ("mldv2 report", 143)] {
+        add(
+            &format!("{name} from a link-local source, hop limit 1"),
+            hops(icmp("fe80::9", ME6, icmp_type, 0, 0), 1),
+            true,
+        );
+        add(
+            &format!("{name} from a global source is not link traffic"),
+            hops(icmp("2001:db8:2::9", ME6, icmp_type, 0, 0), 1),
+            false,
+        );
+        add(
+            &format!("{name} with hop limit 64 is not link traffic"),
+            hops(icmp("fe80::9", ME6, icmp_type, 0, 0), 64),
+            false,
+        );
+    }
     add(
         "dhcpv4 server to client",
         udp("198.19.0.1", ME4, 67, 68),
         true,
     );
     add(
-        "dhcpv4 client to server",
-        udp("198.19.0.1", ME4, 68, 67),
+        "dhcpv4 client to the broadcast address",
+        udp("0.0.0.0", "255.255.255.255", 68, 67),
         true,
     );
     add(
-        "dhcpv6 server to client",
-        udp("2001:db8:2::1", ME6, 547, 546),
+        "dhcpv4 client to a unicast address is not link traffic",
+        udp("198.19.0.1", ME4, 68, 67),
+        false,
+    );
+    add(
+        "dhcpv6 server to a link-local client",
+        udp("fe80::1", "fe80::2", 547, 546),
         true,
+    );
+    add(
+        "dhcpv6 client to all servers and relays",
+        udp("fe80::2", "ff02::1:2", 546, 547),
+        true,
+    );
+    add(
+        "dhcpv6 server to a global address is not link traffic",
+        udp("2001:db8:2::1", ME6, 547, 546),
+        false,
     );
     add(
         "udp 67 from arbitrary port is not dhcp",

@@ -1,0 +1,317 @@
+//! Conntrack as strict as netfilter (SPEC §1.3, §1.4, §1.11, §1.12), through the real
+//! programs on both ingress hooks: only ICMP queries are tracked, related errors must
+//! go to the quoted packet's sender, only a SYN opens a TCP flow and invalid flags are
+//! dropped, only assured flows reach the protected table, untracked flows' replies open
+//! nothing, and losses of events and rule hits are counted. Each case failed on the main
+//! branch before this file.
+
+use sg_agent::{compile::LocalInterface, datapath::MapSizes};
+use sg_common::{counter, drop_reason, DIR_EGRESS, DIR_INGRESS};
+use sg_tests::{
+    bpf::{Bpf, Hook, Outcome, LO},
+    fixtures::{main_bpf, sizes, state, ME4, ME6},
+    packet::{icmp, icmp_error, tcp, udp, Spec, TH_ACK, TH_FIN, TH_RST, TH_SYN},
+    privileges::require_root,
+};
+
+const EG: Hook = Hook::TcEgress;
+
+/// Runs (hook, frame, passes) steps in order on one conntrack table.
+fn steps(bpf: &mut Bpf, name: &str, steps: &[(Hook, Spec, bool)]) {
+    for (i, (hook, spec, pass)) in steps.iter().enumerate() {
+        assert_eq!(
+            bpf.run(*hook, &spec.build()),
+            *pass,
+            "{name}: step {i} ({hook:?} {:?})",
+            spec.l4
+        );
+    }
+}
+
+/// (in the established table, in the embryonic table) counts of flows.
+fn tables(bpf: &mut Bpf) -> (usize, usize) {
+    let flows = bpf.dp.tables().flows().expect("flows");
+    let established = flows.iter().filter(|f| f.2).count();
+    (established, flows.len() - established)
+}
+
+#[test]
+fn only_icmp_queries_open_and_match_flows() {
+    if !require_root("only_icmp_queries_open_and_match_flows") {
+        return;
+    }
+    for ingress in Hook::INGRESS {
+        let mut bpf = main_bpf();
+        // The state allows timestamp requests (13/0) from 198.18.0.0/16, and no type 5.
+        steps(
+            &mut bpf,
+            &format!("{ingress:?}: timestamp query"),
+            &[
+                (ingress, icmp("198.18.1.1", ME4, 13, 0, 7), true),
+                (EG, icmp(ME4, "198.18.1.1", 14, 0, 7), true),
+                // Redirects, router advertisements and unrelated errors from the same peer
+                // never ride the query's flow: the rules judge them, and none allows them.
+                (ingress, icmp("198.18.1.1", ME4, 5, 1, 0), false),
+                (ingress, icmp("198.18.1.1", ME4, 9, 0, 0), false),
+                (ingress, icmp("198.18.1.1", ME4, 3, 3, 0), false),
+                // A reply of another pair with the same identifier is not this flow's.
+                (ingress, icmp("198.18.1.1", ME4, 0, 0, 7), false),
+                // A reply we never asked for.
+                (ingress, icmp("198.18.1.1", ME4, 14, 0, 8), false),
+                // Outbound, a non-query type to the peer opens nothing and is judged by the
+                // egress rules (icmp 8 only).
+                (EG, icmp(ME4, "198.18.1.1", 5, 1, 0), false),
+            ],
+        );
+        let icmp_flows = bpf
+            .dp
+            .tables()
+            .flows()
+            .unwrap()
+            .into_iter()
+            .filter(|f| f.0.protocol == 1)
+            .count();
+        assert_eq!(icmp_flows, 1, "{ingress:?}: one flow, the query's");
+    }
+}
+
+#[test]
+fn related_icmp_errors_go_to_the_quoted_sender_of_a_live_flow() {
+    if !require_root("related_icmp_errors_go_to_the_quoted_sender_of_a_live_flow") {
+        return;
+    }
+    for ingress in Hook::INGRESS {
+        let mut bpf = main_bpf();
+        // An inbound SSH flow from the admin range.
+        let syn = tcp("198.18.10.5", ME4, 40000, 22, TH_SYN);
+        assert!(bpf.run(ingress, &syn.build()));
+        let reply = tcp(ME4, "198.18.10.5", 22, 40000, TH_SYN | TH_ACK);
+        // An error about our reply, from a router to us: related.
+        let good = icmp_error("198.19.9.9", ME4, 3, 4, &reply);
+        assert!(
+            bpf.run(ingress, &good.build()),
+            "{ingress:?}: error to the sender"
+        );
+        // Outbound, an error quoting the inbound flow must go to its sender; one addressed
+        // elsewhere (a way out past egress policy) is judged by the egress rules.
+        let out_ok = icmp_error(ME4, "198.18.10.5", 3, 3, &syn);
+        assert!(
+            bpf.run(EG, &out_ok.build()),
+            "{ingress:?}: error to the quoted sender"
+        );
+        let mut out_bad = icmp_error(ME4, "198.19.200.1", 3, 3, &syn);
+        out_bad.payload = 1200;
+        assert!(
+            !bpf.run(EG, &out_bad.build()),
+            "{ingress:?}: error to another address"
+        );
+        // An error addressed to another local address.
+        let elsewhere = icmp_error("198.19.9.9", "198.18.0.99", 3, 4, &reply);
+        assert!(
+            !bpf.run(ingress, &elsewhere.build()),
+            "{ingress:?}: to another address"
+        );
+        // Once the flow expired, its errors are not related any more.
+        bpf.advance_clock(200);
+        assert!(
+            !bpf.run(ingress, &good.build()),
+            "{ingress:?}: an expired flow"
+        );
+    }
+}
+
+#[test]
+fn only_a_syn_opens_a_tcp_flow_and_invalid_flags_are_dropped() {
+    if !require_root("only_a_syn_opens_a_tcp_flow_and_invalid_flags_are_dropped") {
+        return;
+    }
+    for ingress in Hook::INGRESS {
+        let mut bpf = main_bpf();
+        // Port 22 from 198.18.10.0/24 is allowed: first packets that are not a SYN pass by
+        // the rule, packet by packet, and open nothing.
+        for (what, flags) in [
+            ("syn-ack", TH_SYN | TH_ACK),
+            ("fin-ack", TH_FIN | TH_ACK),
+            ("bare ack", TH_ACK),
+            ("rst", TH_RST),
+        ] {
+            let f = tcp("198.18.10.5", ME4, 41000, 22, flags).build();
+            assert!(
+                bpf.run(ingress, &f),
+                "{ingress:?}: {what} allowed by the rule"
+            );
+            assert_eq!(
+                tables(&mut bpf),
+                (0, 0),
+                "{ingress:?}: {what} opened a flow"
+            );
+        }
+        for (what, flags) in [
+            ("no flags", 0),
+            ("syn-fin", TH_SYN | TH_FIN),
+            ("syn-rst", TH_SYN | TH_RST),
+            ("fin alone", TH_FIN),
+            ("christmas tree", 0x3f),
+        ] {
+            let f = tcp("198.18.10.5", ME4, 41001, 22, flags).build();
+            assert_eq!(
+                bpf.outcome(ingress, &f).unwrap(),
+                Outcome::Drop(drop_reason::INVALID_TCP_FLAGS),
+                "{ingress:?}: {what}"
+            );
+        }
+        assert_eq!(tables(&mut bpf), (0, 0));
+        // A reply-direction bare ACK does not answer a SYN.
+        assert!(bpf.run(ingress, &tcp("198.18.10.5", ME4, 41002, 22, TH_SYN).build()));
+        assert!(bpf.run(EG, &tcp(ME4, "198.18.10.5", 22, 41002, TH_ACK).build()));
+        let flows = bpf.dp.tables().flows().unwrap();
+        assert_eq!(flows.len(), 1);
+        assert_eq!(
+            flows[0].1.tcp_state,
+            sg_common::ct::TCP_SYN_SENT,
+            "{ingress:?}"
+        );
+    }
+}
+
+#[test]
+fn only_assured_flows_reach_the_protected_table() {
+    if !require_root("only_assured_flows_reach_the_protected_table") {
+        return;
+    }
+    for ingress in Hook::INGRESS {
+        let mut bpf = main_bpf();
+        // A refused connection: SYN answered by RST.
+        assert!(bpf.run(ingress, &tcp("198.18.10.5", ME4, 42000, 22, TH_SYN).build()));
+        assert!(bpf.run(
+            EG,
+            &tcp(ME4, "198.18.10.5", 22, 42000, TH_RST | TH_ACK).build()
+        ));
+        assert_eq!(
+            tables(&mut bpf).0,
+            0,
+            "{ingress:?}: a refused SYN is not assured"
+        );
+        // One ping exchange.
+        assert!(bpf.run(ingress, &icmp("198.18.1.1", ME4, 8, 0, 9).build()));
+        assert!(bpf.run(EG, &icmp(ME4, "198.18.1.1", 0, 0, 9).build()));
+        assert_eq!(tables(&mut bpf).0, 0, "{ingress:?}: a ping is not assured");
+        // One UDP request and its reply.
+        assert!(bpf.run(ingress, &udp("198.18.1.1", ME4, 5353, 5001).build()));
+        assert!(bpf.run(EG, &udp(ME4, "198.18.1.1", 5001, 5353).build()));
+        assert_eq!(
+            tables(&mut bpf).0,
+            0,
+            "{ingress:?}: one UDP exchange is not assured"
+        );
+        // A UDP stream is, and so is a complete handshake.
+        assert!(bpf.run(ingress, &udp("198.18.1.1", ME4, 5353, 5001).build()));
+        assert_eq!(
+            tables(&mut bpf).0,
+            1,
+            "{ingress:?}: a UDP stream is assured"
+        );
+        assert!(bpf.run(ingress, &tcp("198.18.10.5", ME4, 42001, 22, TH_SYN).build()));
+        assert!(bpf.run(
+            EG,
+            &tcp(ME4, "198.18.10.5", 22, 42001, TH_SYN | TH_ACK).build()
+        ));
+        assert_eq!(
+            tables(&mut bpf).0,
+            1,
+            "{ingress:?}: half open is not assured"
+        );
+        assert!(bpf.run(ingress, &tcp("198.18.10.5", ME4, 42001, 22, TH_ACK).build()));
+        assert_eq!(tables(&mut bpf).0, 2, "{ingress:?}: a handshake is assured");
+    }
+}
+
+/// Ingress TCP 80 and UDP 53 from anywhere, egress everything to anywhere: both are
+/// untracked (SPEC §1.11).
+const UNTRACKED: &str = r#"
+[[security_group]]
+id = "sg-u"
+ingress = [
+  { protocol = "tcp", ports = "80", from = ["0.0.0.0/0", "::/0"] },
+  { protocol = "udp", ports = "53", from = ["0.0.0.0/0", "::/0"] },
+]
+
+[[interface]]
+id = "eni-u"
+ipv4 = ["198.18.0.1"]
+ipv6 = ["2001:db8:1::1"]
+groups = ["sg-u"]
+"#;
+
+#[test]
+fn replies_of_untracked_flows_open_nothing() {
+    if !require_root("replies_of_untracked_flows_open_nothing") {
+        return;
+    }
+    for ingress in Hook::INGRESS {
+        let mut bpf = Bpf::with_state(
+            &state(UNTRACKED),
+            &[LocalInterface {
+                ifindex: LO,
+                eni: "eni-u".into(),
+            }],
+            &sizes(),
+        );
+        for (v4, me, peer) in [(true, ME4, "198.19.5.5"), (false, ME6, "2001:db8:9::5")] {
+            steps(
+                &mut bpf,
+                &format!("{ingress:?} v4={v4}"),
+                &[
+                    (ingress, tcp(peer, me, 43000, 80, TH_SYN), true),
+                    (EG, tcp(me, peer, 80, 43000, TH_SYN | TH_ACK), true),
+                    (ingress, tcp(peer, me, 43000, 80, TH_ACK), true),
+                    (ingress, udp(peer, me, 43001, 53), true),
+                    (EG, udp(me, peer, 53, 43001), true),
+                ],
+            );
+            assert_eq!(
+                tables(&mut bpf),
+                (0, 0),
+                "{ingress:?}: replies of untracked flows opened flows"
+            );
+        }
+        // An outbound UDP request that no untracked rule answers is tracked as ever.
+        assert!(bpf.run(EG, &udp(ME4, "198.19.5.5", 43002, 9999).build()));
+        assert_eq!(tables(&mut bpf), (0, 1));
+    }
+}
+
+#[test]
+fn lost_events_and_rule_hits_are_counted() {
+    if !require_root("lost_events_and_rule_hits_are_counted") {
+        return;
+    }
+    // A hit map of one entry: every rule id (from 1) lies beyond it.
+    let tiny = MapSizes {
+        rules: 1,
+        conntrack_new: 1 << 16,
+        ..sizes()
+    };
+    let mut bpf = Bpf::with_state(
+        &state(sg_tests::fixtures::STATE),
+        &[LocalInterface {
+            ifindex: LO,
+            eni: "eni-main".into(),
+        }],
+        &tiny,
+    );
+    assert!(bpf.run(
+        Hook::Xdp,
+        &tcp("198.18.10.5", ME4, 44000, 22, TH_SYN).build()
+    ));
+    assert!(bpf.counter(LO, DIR_INGRESS, counter::RULE_HITS_LOST) >= 1);
+    // Admitted flows until the ring (1 MiB, never drained here) is full.
+    let before = bpf.counter(LO, DIR_INGRESS, counter::EVENTS_LOST);
+    for i in 0..20_000u32 {
+        let src = format!("198.18.{}.{}", 20 + i / 250, 1 + i % 250);
+        assert!(bpf.run(Hook::Xdp, &tcp(&src, ME4, 44001, 1500, TH_SYN).build()));
+    }
+    let lost = bpf.counter(LO, DIR_INGRESS, counter::EVENTS_LOST) - before;
+    assert!(lost > 0, "a full ring's losses are counted");
+    let _ = DIR_EGRESS;
+}
