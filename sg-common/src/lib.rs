@@ -116,7 +116,9 @@ pub mod drop_reason {
     pub const BAD_IP_VERSION: u32 = 11;
     /// A TCP flag combination no real stack sends (netfilter's `tcp_valid_flags`).
     pub const INVALID_TCP_FLAGS: u32 = 12;
-    pub const COUNT: u32 = 13;
+    /// A second IPv6 fragment header (SPEC §2).
+    pub const FRAGMENT_HEADER_TWICE: u32 = 13;
+    pub const COUNT: u32 = 14;
     pub const NAMES: [&str; COUNT as usize] = [
         "none",
         "policy",
@@ -131,6 +133,7 @@ pub mod drop_reason {
         "vlan_too_deep",
         "bad_ip_version",
         "invalid_tcp_flags",
+        "fragment_header_twice",
     ];
 }
 

@@ -179,7 +179,10 @@ pub struct FragKey {
     pub ifindex: u32,
     pub family: u8,
     pub protocol: u8,
-    pub _pad: [u8; 2],
+    /// The direction the datagram travels (`DIR_*`): a verdict on ingress never lets
+    /// fragments out, nor the reverse.
+    pub direction: u8,
+    pub _pad: u8,
     pub id: u32,
     pub src: [u8; 16],
     pub dst: [u8; 16],
@@ -189,13 +192,19 @@ const _: () = assert!(size_of::<FragKey>() == 44);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FragEntry {
+    /// Boot-clock seconds (plus the global offset) of the first fragment: later
+    /// fragments follow it for `REASSEMBLY_TIMEOUT_S` only.
+    pub seen_s: u32,
     pub src_port: [u8; 2],
     pub dst_port: [u8; 2],
-    /// 1 = pass, 0 = drop.
+    /// 1 = pass (only allowed first fragments are remembered).
     pub allowed: u8,
     pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<FragEntry>() == 8);
+const _: () = assert!(size_of::<FragEntry>() == 12);
+
+/// How long a first fragment's verdict is followed (Linux's `ipfrag_time` default).
+pub const REASSEMBLY_TIMEOUT_S: u32 = 30;
 
 /// Per-interface counters, both directions: `v[direction * PER_DIRECTION + slot]`.
 #[repr(C)]

@@ -225,7 +225,8 @@ pub const RULE_HITS: MapSpec = MapSpec {
     holds: "rule id → per-CPU count of flows admitted",
 };
 pub const FRAGS: MapSpec = MapSpec {
-    name: "SG_FRAGS",
+    // _V2: direction in the key and a timestamp in the value.
+    name: "SG_FRAGS_V2",
     kind: MapKind::LruHash,
     key_size: size_of::<FragKey>() as u32,
     value_size: size_of::<FragEntry>() as u32,
@@ -233,7 +234,7 @@ pub const FRAGS: MapSpec = MapSpec {
     no_prealloc: false,
     sizing: Sizing::Fragments,
     writer: Writer::Datapath,
-    holds: "remembered first-fragment verdicts",
+    holds: "allowed first fragments, by interface, direction, addresses and id, for the reassembly timeout",
 };
 pub const EVENTS: MapSpec = MapSpec {
     name: "SG_EVENTS",

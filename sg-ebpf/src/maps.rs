@@ -74,7 +74,7 @@ pub static SG_RULE_HITS: PerCpuArray<u64> =
 
 /// See `registry::FRAGS.holds`.
 #[map]
-pub static SG_FRAGS: LruHashMap<FragKey, FragEntry> =
+pub static SG_FRAGS_V2: LruHashMap<FragKey, FragEntry> =
     LruHashMap::with_max_entries(spec::FRAGS.max_entries, flags(spec::FRAGS));
 
 /// See `registry::EVENTS.holds`.

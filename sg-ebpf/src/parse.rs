@@ -167,10 +167,18 @@ fn parse_ipv4(f: &impl Frame, off: usize) -> Result<Ip, u32> {
     if ihl < 20 {
         return Err(dr::BAD_IHL);
     }
-    let total = be16([h[2], h[3]]) as usize;
+    let mut total = be16([h[2], h[3]]) as usize;
     // The frame's full length costs a helper call in XDP: ask only when the packet does
     // not fit in the directly readable part.
     let linear = f.end() - f.start();
+    if total == 0 {
+        // IPv4 BIG TCP: a GSO packet over 64 KiB carries total length 0 and its real
+        // length in the skb (Linux 6.3+); only such a packet may.
+        let wire = (f.wire_len() as usize).saturating_sub(off);
+        if wire > 0xffff {
+            total = wire;
+        }
+    }
     let fits = off + total <= linear;
     if total < ihl || (!fits && total > (f.wire_len() as usize).saturating_sub(off)) {
         return Err(dr::BAD_LENGTH);
@@ -202,7 +210,7 @@ fn parse_ipv4(f: &impl Frame, off: usize) -> Result<Ip, u32> {
         read::<[u8; 1]>(f, off + ihl - 1, dr::TRUNCATED_IP)?;
     }
     if frag != FRAG_LATER {
-        ip.l4 = parse_l4(f, ip.protocol, ip.l4_off)?;
+        ip.l4 = parse_l4(f, ip.protocol, ip.l4_off, ip.len as usize)?;
     }
     Ok(ip)
 }
@@ -245,6 +253,7 @@ fn parse_ipv6(f: &impl Frame, off: usize) -> Result<Ip, u32> {
     let mut next = ip.protocol;
     let mut pos = off + 40;
     let mut walked = 0usize;
+    let mut seen_fragment = false;
     while walked < IPV6_EXT_WALK_LIMIT {
         match next {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
@@ -258,6 +267,10 @@ fn parse_ipv6(f: &impl Frame, off: usize) -> Result<Ip, u32> {
                 pos += (e[1] as usize + 2) * 4;
             }
             NEXTHDR_FRAGMENT => {
+                if seen_fragment {
+                    return Err(dr::FRAGMENT_HEADER_TWICE);
+                }
+                seen_fragment = true;
                 let e = read::<[u8; 8]>(f, pos, dr::TRUNCATED_IP)?;
                 next = e[0];
                 let frag_field = be16([e[2], e[3]]);
@@ -270,15 +283,21 @@ fn parse_ipv6(f: &impl Frame, off: usize) -> Result<Ip, u32> {
                 };
                 ip.frag_id = u32::from_be_bytes([e[4], e[5], e[6], e[7]]);
                 pos += 8;
+                // After a non-first fragment's header comes its payload: never headers.
+                if ip.frag == FRAG_LATER {
+                    break;
+                }
             }
             _ => break,
         }
         walked += 1;
     }
-    if matches!(
-        next,
-        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT
-    ) {
+    if ip.frag != FRAG_LATER
+        && matches!(
+            next,
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT
+        )
+    {
         return Err(dr::EXT_CHAIN_TOO_LONG);
     }
     // Keep the offset provably small for the verifier (the walk adds at most ~12 KiB).
@@ -288,30 +307,45 @@ fn parse_ipv6(f: &impl Frame, off: usize) -> Result<Ip, u32> {
     ip.protocol = next;
     ip.l4_off = pos & 0x3fff;
     if ip.frag != FRAG_LATER {
-        ip.l4 = parse_l4(f, ip.protocol, ip.l4_off)?;
+        ip.l4 = parse_l4(f, ip.protocol, ip.l4_off, ip.len as usize)?;
     }
     Ok(ip)
 }
 
+/// The L4 fields at `off`; the header must lie wholly inside the IP packet, which ends
+/// at `end` (bytes past the IP length are never read as headers, SPEC §2; a first
+/// fragment too short for the whole TCP header is dropped, RFC 1858).
 #[inline(always)]
-fn parse_l4(f: &impl Frame, protocol: u8, off: usize) -> Result<L4, u32> {
+fn parse_l4(f: &impl Frame, protocol: u8, off: usize, end: usize) -> Result<L4, u32> {
     let mut l4 = L4::default();
+    let fits = |size: usize| {
+        if off + size <= end {
+            Ok(())
+        } else {
+            Err(dr::TRUNCATED_L4)
+        }
+    };
     match protocol {
         PROTO_TCP => {
+            fits(20)?;
             let t = read::<[u8; 20]>(f, off, dr::TRUNCATED_L4)?;
             l4.sport = be16([t[0], t[1]]);
             l4.dport = be16([t[2], t[3]]);
-            if t[12] >> 4 < 5 {
+            let doff = (t[12] >> 4) as usize;
+            if doff < 5 {
                 return Err(dr::TRUNCATED_L4);
             }
+            fits(doff * 4)?;
             l4.tcp_flags = t[13];
         }
         PROTO_UDP => {
+            fits(8)?;
             let u = read::<[u8; 8]>(f, off, dr::TRUNCATED_L4)?;
             l4.sport = be16([u[0], u[1]]);
             l4.dport = be16([u[2], u[3]]);
         }
         PROTO_ICMP | PROTO_ICMPV6 => {
+            fits(8)?;
             let i = read::<[u8; 8]>(f, off, dr::TRUNCATED_L4)?;
             l4.icmp_type = i[0];
             l4.icmp_code = i[1];

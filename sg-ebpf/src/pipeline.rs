@@ -93,15 +93,17 @@ pub fn process(f: &impl Frame, dir: u8) -> Result<(), Drop> {
         }
     };
     if ip.frag == FRAG_LATER {
-        return passes(fragment::later(cfg.counter_slot, ifindex, dir, &ip));
+        let now_s = (now_ns().0 / 1_000_000_000) as u32;
+        return passes(fragment::later(cfg.counter_slot, ifindex, dir, &ip, now_s));
     }
     if parse::is_infrastructure(&ip) {
         count(cfg.counter_slot, dir, counter::INFRASTRUCTURE);
         return Ok(());
     }
     let pass = decide(f, cfg, ifindex, dir, &ip);
-    if ip.frag == FRAG_FIRST {
-        fragment::remember(ifindex, &ip, pass);
+    if ip.frag == FRAG_FIRST && pass {
+        let now_s = (now_ns().0 / 1_000_000_000) as u32;
+        fragment::remember(ifindex, dir, &ip, now_s);
     }
     passes(pass)
 }

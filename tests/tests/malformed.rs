@@ -223,14 +223,114 @@ fn fragments_follow_their_first_fragment() {
                 "{hook:?} {src}: orphan fragment"
             );
         }
+        // Orphans: the two unknown datagrams' fragments, and those of the two denied
+        // datagrams (a denied first fragment is not remembered, SPEC §2).
         assert_eq!(
             bpf.counter(
                 LO,
                 DIR_INGRESS,
                 counter::drop_slot(drop_reason::FRAGMENT_ORPHAN)
             ),
-            2
+            4
         );
         assert_eq!(bpf.counter(LO, DIR_INGRESS, counter::ALLOWED_FRAGMENT), 4);
+    }
+}
+
+/// A later fragment of `src → dst`, datagram `id`, at byte `offset`.
+fn later_fragment(src: &str, dst: &str, id: u32, offset: u16) -> Spec {
+    let mut s = Spec::new(
+        src,
+        dst,
+        L4::FragmentData {
+            protocol: 6,
+            len: 64,
+        },
+    );
+    s.fragment = Some((id, offset, false));
+    s
+}
+
+#[test]
+fn fragment_verdicts_are_bounded_in_direction_time_and_parsing() {
+    if !require_root("fragment_verdicts_are_bounded_in_direction_time_and_parsing") {
+        return;
+    }
+    use drop_reason::*;
+    for hook in Hook::INGRESS {
+        let mut bpf = main_bpf();
+        let mut first = tcp("198.18.10.5", ME4, 40000, 22, TH_SYN);
+        first.payload = 64;
+        first.fragment = Some((0x300, 0, true));
+        assert!(bpf.run(hook, &first.build()));
+        // The verdict is for ingress: the same datagram id on egress finds nothing.
+        let out = later_fragment("198.18.10.5", ME4, 0x300, 88).build();
+        assert_eq!(
+            bpf.outcome(Hook::TcEgress, &out).unwrap(),
+            Outcome::Drop(FRAGMENT_ORPHAN),
+            "{hook:?}: the other direction"
+        );
+        // Within the reassembly timeout it is followed; after it, not.
+        let inside = later_fragment("198.18.10.5", ME4, 0x300, 88).build();
+        assert!(bpf.run(hook, &inside), "{hook:?}: within the timeout");
+        bpf.advance_clock(31);
+        assert_eq!(
+            bpf.outcome(hook, &inside).unwrap(),
+            Outcome::Drop(FRAGMENT_ORPHAN),
+            "{hook:?}: after the reassembly timeout"
+        );
+        // A first fragment too short for the whole TCP header (RFC 1858): the header
+        // would be read past the IP length.
+        let mut tiny = tcp("198.18.10.5", ME4, 40000, 22, TH_SYN);
+        tiny.fragment = Some((0x301, 0, true));
+        let mut frame = tiny.build();
+        let total = (20 + 8u16).to_be_bytes();
+        frame[16..18].copy_from_slice(&total);
+        sg_tests::packet::fix_ipv4_checksums(&mut frame);
+        assert_eq!(
+            bpf.outcome(hook, &frame).unwrap(),
+            Outcome::Drop(TRUNCATED_L4),
+            "{hook:?}: tiny first fragment"
+        );
+        // A TCP header in trailing bytes past the IP length opens nothing.
+        let mut trailing = tcp("198.18.10.5", ME4, 40001, 22, TH_SYN).build();
+        trailing[16..18].copy_from_slice(&20u16.to_be_bytes());
+        sg_tests::packet::fix_ipv4_checksums(&mut trailing);
+        assert_eq!(
+            bpf.outcome(hook, &trailing).unwrap(),
+            Outcome::Drop(TRUNCATED_L4),
+            "{hook:?}: L4 header past the IP length"
+        );
+        // IPv6: a second fragment header is dropped.
+        let mut twice = tcp("2001:db8:1:10::5", ME6, 40000, 22, TH_SYN);
+        twice.ipv6_ext = vec![44];
+        twice.fragment = Some((0x302, 0, true));
+        let mut frame = twice.build();
+        // Make the first (builder's generic) header a real first-fragment header.
+        frame[54 + 2] = 0;
+        frame[54 + 3] = 1;
+        assert_eq!(
+            bpf.outcome(hook, &frame).unwrap(),
+            Outcome::Drop(FRAGMENT_HEADER_TWICE),
+            "{hook:?}: two fragment headers"
+        );
+        // A later fragment whose payload looks like extension headers is not walked.
+        let mut v6first = tcp("2001:db8:1:10::5", ME6, 40000, 22, TH_SYN);
+        v6first.payload = 64;
+        v6first.fragment = Some((0x303, 0, true));
+        assert!(bpf.run(hook, &v6first.build()));
+        let mut later = Spec::new(
+            "2001:db8:1:10::5",
+            ME6,
+            L4::FragmentData {
+                protocol: 60,
+                len: 64,
+            },
+        );
+        later.fragment = Some((0x303, 88, false));
+        assert!(
+            bpf.run(hook, &later.build()),
+            "{hook:?}: a later fragment's payload is never parsed as headers"
+        );
     }
 }
