@@ -75,6 +75,10 @@ pub struct HostInterface {
     pub ifindex: u32,
     /// Lower-case `aa:bb:cc:dd:ee:ff`; None for interfaces without an Ethernet address.
     pub mac: Option<String>,
+    /// A bond's master (IFF_MASTER): XDP there sees the slaves' ifindexes.
+    pub bond_master: bool,
+    /// A bond's slave (IFF_SLAVE): it shares the master's MAC; the master is enforced.
+    pub enslaved: bool,
 }
 
 /// Every interface in the current network namespace (if_nameindex and SIOCGIFHWADDR,
@@ -90,8 +94,11 @@ pub fn interfaces() -> io::Result<Vec<HostInterface>> {
         let mut p = list;
         while (*p).if_index != 0 && !(*p).if_name.is_null() {
             let name = CStr::from_ptr((*p).if_name).to_string_lossy().into_owned();
+            let flags = flags_of(&name);
             out.push(HostInterface {
                 mac: mac_of(&name),
+                bond_master: flags & libc::IFF_MASTER != 0,
+                enslaved: flags & libc::IFF_SLAVE != 0,
                 name,
                 ifindex: (*p).if_index,
             });
@@ -133,6 +140,27 @@ fn mac_of(name: &str) -> Option<String> {
                 .collect::<Vec<_>>()
                 .join(":"),
         )
+    }
+}
+
+/// The interface flags (SIOCGIFFLAGS) of `name`; 0 when they cannot be read.
+fn flags_of(name: &str) -> i32 {
+    // SAFETY: a datagram socket for the ioctl, closed below; ifreq is zeroed and owned.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return 0;
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in name.bytes().take(libc::IFNAMSIZ - 1).enumerate() {
+            req.ifr_name[i] = b as libc::c_char;
+        }
+        let rc = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req);
+        libc::close(fd);
+        if rc != 0 {
+            return 0;
+        }
+        req.ifr_ifru.ifru_flags as i32
     }
 }
 

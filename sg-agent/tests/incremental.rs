@@ -264,7 +264,10 @@ fn by_content(
 
 #[test]
 fn membership_changes_equal_full_compiles() {
-    use sg_agent::compile::{compile, membership_change, ChangedAddress, Options, PlanIndex};
+    use sg_agent::compile::{
+        changed_addresses, changed_interfaces, compile, membership_change, ChangedAddress, Options,
+        PlanIndex,
+    };
     use sg_agent::testgen;
     let mut rng = Rng::new(11);
     let mut ops = 0;
@@ -280,6 +283,8 @@ fn membership_changes_equal_full_compiles() {
         for step in 0..6 {
             // Edit, add or remove a non-local interface.
             let mut changed = vec![];
+            // The interfaces the change added and removed, as the agent's re-parse gives.
+            let (mut added, mut removed) = (vec![], vec![]);
             let mut fresh = testgen::state(&mut rng, 2).network_interfaces.remove(0);
             fresh.groups.retain(|g| state.group(g).is_some());
             let others = state.network_interfaces.len() - n_locals;
@@ -288,6 +293,7 @@ fn membership_changes_equal_full_compiles() {
                     let at = n_locals + rng.below(others as u64) as usize;
                     let old = state.network_interfaces.remove(at);
                     changed.extend(old.addresses());
+                    removed.push(old);
                 }
                 1 if others > 0 => {
                     let at = n_locals + rng.below(others as u64) as usize;
@@ -295,6 +301,8 @@ fn membership_changes_equal_full_compiles() {
                     changed.extend(old.addresses());
                     fresh.id = old.id.clone();
                     changed.extend(fresh.addresses());
+                    removed.push(old.clone());
+                    added.push(fresh.clone());
                     *old = fresh;
                 }
                 _ => {
@@ -306,26 +314,33 @@ fn membership_changes_equal_full_compiles() {
                         }
                     }
                     changed.extend(fresh.addresses());
+                    added.push(fresh.clone());
                     state.network_interfaces.push(fresh);
                 }
             }
             let full = compile(&state, &locals, &options, Some(&plan));
-            // Half the time the caller tells each address's groups, as the agent does.
-            let told = rng.chance(50);
-            let changed: Vec<ChangedAddress> = changed
-                .iter()
-                .map(|a| ChangedAddress {
-                    addr: *a,
-                    groups: told.then(|| {
-                        state
-                            .network_interfaces
-                            .iter()
-                            .filter(|n| n.addresses().any(|b| b == *a))
-                            .flat_map(|n| n.groups.iter().map(String::as_str))
-                            .collect()
-                    }),
-                })
-                .collect();
+            // Half the time the changed addresses come from the agent's own logic (which
+            // tells the groups of addresses only added interfaces hold), half the time
+            // each address is left to membership_change to look up.
+            let holders = |a: &std::net::IpAddr| {
+                state
+                    .network_interfaces
+                    .iter()
+                    .filter(|n| n.addresses().any(|b| b == *a))
+                    .count()
+            };
+            let changed: Vec<ChangedAddress> = if rng.chance(50) {
+                let interfaces = changed_interfaces(&added, &removed);
+                changed_addresses(&interfaces, &added, holders)
+            } else {
+                changed
+                    .iter()
+                    .map(|a| ChangedAddress {
+                        addr: *a,
+                        groups: None,
+                    })
+                    .collect()
+            };
             let change = membership_change(&state, &mut plan, &mut index, &changed)
                 .expect("locals are in the state");
             ops += change.ops.len();

@@ -73,6 +73,15 @@ fn update(e: &mut CtEntry, dir: u8, ip: &Ip, len: u32, now: u64) {
     let from_origin = dir == e.origin;
     e.last_seen_ns = now;
     let d = (dir & 1) as usize;
+    // XDP or TC ingress and TC egress run on different CPUs at once and share the entry.
+    // Each direction's packets and bytes are written by one direction's program only, so
+    // two CPUs collide on them only when one flow's packets of the same direction arrive
+    // on two CPUs at once (RSS keeps a flow on one queue). Atomic adds would close that
+    // gap, but this toolchain's BPF target offers no atomic read-modify-write to Rust
+    // (`AtomicU64::fetch_add` does not exist there): the counters are plain adds, and may
+    // lose a count in that case, as Cilium's did before it had atomics. State, flags and
+    // last-seen are last-writer-wins, as in netfilter's lockless paths: a packet's update
+    // may be overwritten by a concurrent one of the same flow, never by another flow's.
     if let Some(p) = e.packets.get_mut(d) {
         *p += 1;
     }
@@ -129,9 +138,27 @@ pub fn track(key: &CtKey, ip: &Ip, dir: u8, cfg: &IfaceConfig, len: u32, now: u6
         }
         update(e, dir, ip, len, now);
         if is_assured(ip.protocol, e.tcp_state, e.flags) {
+            // Promotion, safe against the other CPU: the copy is inserted first
+            // (BPF_NOEXIST: if another CPU promoted first, its entry stands), so a
+            // concurrent lookup always finds the flow in one table or the other. A
+            // concurrent packet may still have updated the embryonic entry after our copy:
+            // its state and flags are merged into the established entry before the
+            // embryonic one goes, so a FIN seen on the other CPU is not lost. The window
+            // left (between the merge and the removal) is a few instructions; a packet in
+            // it updates an entry about to go and costs at most its own state change,
+            // which its peer's next packet repeats.
             match SG_CT.insert(key, &*e, BPF_NOEXIST as u64) {
-                // -EEXIST: another CPU promoted it first; either way it is there now.
                 Ok(()) | Err(-17) => {
+                    if let (Some(new), Some(est)) = (SG_CT_NEW.get_ptr(key), SG_CT.get_ptr_mut(key))
+                    {
+                        // SAFETY: live map values of plain old data.
+                        let (new, est) = unsafe { (&*new, &mut *est) };
+                        if new.last_seen_ns > est.last_seen_ns {
+                            est.last_seen_ns = new.last_seen_ns;
+                            est.tcp_state = new.tcp_state;
+                            est.flags |= new.flags;
+                        }
+                    }
                     let _ = SG_CT_NEW.remove(key);
                 }
                 Err(_) => return Track::Full,
@@ -172,5 +199,14 @@ pub fn open(key: &CtKey, ip: &Ip, dir: u8, rule_id: u32, len: u32, now: u64) {
     let d = (dir & 1) as usize;
     e.packets[d] = 1;
     e.bytes[d] = len as u64;
-    let _ = SG_CT_NEW.insert(key, &e, BPF_NOEXIST as u64);
+    // BPF_NOEXIST: a concurrent packet of the same new flow on the other CPU keeps the
+    // first entry. A packet that missed both tables while another CPU promoted the flow
+    // (it looked at SG_CT before the insert and at SG_CT_NEW after the removal) would
+    // leave a duplicate embryonic entry: it is removed when the flow is established.
+    if SG_CT_NEW.insert(key, &e, BPF_NOEXIST as u64).is_ok() {
+        // SAFETY: read-only presence check.
+        if unsafe { SG_CT.get(key).is_some() } {
+            let _ = SG_CT_NEW.remove(key);
+        }
+    }
 }

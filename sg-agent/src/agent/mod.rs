@@ -48,6 +48,8 @@ pub enum AgentError {
         eni: String,
         reason: String,
     },
+    #[error("{iface} is a bond: XDP there sees its slaves' ifindexes and would enforce nothing; run with --ingress-hook tc")]
+    XdpOnBond { iface: String },
     #[error("{what}: {source}")]
     Io {
         what: String,

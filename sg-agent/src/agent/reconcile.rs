@@ -231,6 +231,13 @@ impl Agent {
                 continue;
             }
             self.names.insert(h.ifindex, h.name.clone());
+            if h.bond_master && self.opts.hook == IngressHook::Xdp {
+                // XDP on a bond sees the slaves' ifindexes: it would miss the interface's
+                // entry and pass everything. Refuse rather than enforce nothing.
+                return Err(AgentError::XdpOnBond {
+                    iface: h.name.clone(),
+                });
+            }
             if self.attached.insert(h.ifindex) {
                 self.dp
                     .attach(&h.name, h.ifindex, self.opts.hook, Some(&links))?;
@@ -486,12 +493,52 @@ pub fn bind(
             continue;
         }
         let Some(mac) = &ni.mac else { continue };
-        if let Some(h) = host
-            .iter()
-            .find(|h| h.mac.as_deref() == Some(mac.as_str()) && !explicit.contains(h.name.as_str()))
-        {
+        // A bond's slaves share its MAC: the bond is the interface (SPEC §4).
+        if let Some(h) = host.iter().find(|h| {
+            h.mac.as_deref() == Some(mac.as_str())
+                && !h.enslaved
+                && !explicit.contains(h.name.as_str())
+        }) {
             out.push((h.clone(), ni.id.clone()));
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(
+        name: &str,
+        ifindex: u32,
+        mac: &str,
+        bond_master: bool,
+        enslaved: bool,
+    ) -> HostInterface {
+        HostInterface {
+            name: name.into(),
+            ifindex,
+            mac: Some(mac.into()),
+            bond_master,
+            enslaved,
+        }
+    }
+
+    #[test]
+    fn a_bond_is_bound_by_its_mac_not_its_slaves() {
+        let state = crate::source::parse_str(
+            "[[security_group]]\nid = \"sg-a\"\n[[interface]]\nid = \"eni-1\"\nmac = \"02:5e:00:00:00:01\"\ngroups = [\"sg-a\"]\n",
+        )
+        .unwrap();
+        // Slaves come first by ifindex, as the kernel numbers them before the bond.
+        let hosts = [
+            host("eth0", 2, "02:5e:00:00:00:01", false, true),
+            host("eth1", 3, "02:5e:00:00:00:01", false, true),
+            host("bond0", 4, "02:5e:00:00:00:01", true, false),
+        ];
+        let bound = bind(&state, &hosts, &[]);
+        assert_eq!(bound.len(), 1);
+        assert_eq!(bound[0].0.name, "bond0");
+    }
 }
