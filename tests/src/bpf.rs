@@ -189,3 +189,18 @@ impl Bpf {
         Ok(Outcome::Drop(reason))
     }
 }
+
+impl Bpf {
+    /// Runs (hook, frame, passes) steps in order on one conntrack table, naming the
+    /// failing step.
+    pub fn sequence(&mut self, name: &str, steps: &[(Hook, crate::packet::Spec, bool)]) {
+        for (i, (hook, spec, pass)) in steps.iter().enumerate() {
+            assert_eq!(
+                self.run(*hook, &spec.build()),
+                *pass,
+                "{name}: step {i} ({hook:?} {:?})",
+                spec.l4
+            );
+        }
+    }
+}

@@ -11,7 +11,7 @@ use std::{
 };
 
 use sg_tests::{
-    lab::{tcp, write_state, Host, Lab, TempDir, TwoTier},
+    lab::{tcp, write_state, Host, Lab, Prober, TempDir, TwoTier},
     privileges::require_root,
     wait_for,
 };
@@ -310,40 +310,12 @@ fn kill_9_and_restart_under_load_breaks_nothing_and_lets_nothing_through() {
             }
         }));
     }
-    let delivered = Arc::new(AtomicU64::new(0));
-    let probes = Arc::new(AtomicU64::new(0));
-    let prober = {
-        let (stop, delivered, probes) = (stop.clone(), delivered.clone(), probes.clone());
-        let ns_name = t.outsider.ns.name().to_string();
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(format!("/run/netns/{ns_name}")).unwrap();
-            // SAFETY: setns on this thread only.
-            assert_eq!(
-                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) },
-                0
-            );
-            while !stop.load(Ordering::Relaxed) {
-                probes.fetch_add(1, Ordering::Relaxed);
-                if std::net::TcpStream::connect_timeout(
-                    &"198.18.2.21:3306".parse().unwrap(),
-                    Duration::from_millis(100),
-                )
-                .is_ok()
-                {
-                    delivered.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        })
-    };
+    let prober = Prober::start(&t.outsider.ns, "198.18.2.21:3306");
     // Load runs both ways before, while and after the agent is gone.
     let progress = |what: &str, trips: u64, tries: u64| {
-        let (rt0, p0) = (
-            round_trips.load(Ordering::Relaxed),
-            probes.load(Ordering::Relaxed),
-        );
+        let (rt0, p0) = (round_trips.load(Ordering::Relaxed), prober.probes());
         wait_for(what, Duration::from_secs(10), || {
-            (round_trips.load(Ordering::Relaxed) >= rt0 + trips
-                && probes.load(Ordering::Relaxed) >= p0 + tries)
+            (round_trips.load(Ordering::Relaxed) >= rt0 + trips && prober.probes() >= p0 + tries)
                 .then_some(())
         });
     };
@@ -367,26 +339,20 @@ fn kill_9_and_restart_under_load_breaks_nothing_and_lets_nothing_through() {
     for s in streams {
         s.join().unwrap();
     }
-    prober.join().unwrap();
+    let (probes, delivered) = prober.finish();
     eprintln!(
-        "kill -9: restart applied in {:.0?}; {} round trips on 50 connections, {} broken; {} denied probes, {} delivered",
+        "kill -9: restart applied in {:.0?}; {} round trips on 50 connections, {} broken; {probes} denied probes, {delivered} delivered",
         started.elapsed(),
         round_trips.load(Ordering::Relaxed),
         broken.load(Ordering::Relaxed),
-        probes.load(Ordering::Relaxed),
-        delivered.load(Ordering::Relaxed)
     );
     assert_eq!(
         broken.load(Ordering::Relaxed),
         0,
         "established connections broken"
     );
-    assert_eq!(
-        delivered.load(Ordering::Relaxed),
-        0,
-        "denied probes delivered"
-    );
-    assert!(probes.load(Ordering::Relaxed) > 5);
+    assert_eq!(delivered, 0, "denied probes delivered");
+    assert!(probes > 5);
 }
 
 #[test]

@@ -15,18 +15,6 @@ use sg_tests::{
     privileges::require_root,
 };
 
-/// A sequence of (hook, frame, expected) run in order on the same conntrack table.
-fn sequence(bpf: &mut Bpf, name: &str, steps: &[(Hook, Spec, bool)]) {
-    for (i, (hook, spec, pass)) in steps.iter().enumerate() {
-        assert_eq!(
-            bpf.run(*hook, &spec.build()),
-            *pass,
-            "{name}: step {i} ({hook:?} {:?})",
-            spec.l4
-        );
-    }
-}
-
 #[test]
 fn stateful_sequences_in_both_orders() {
     if !require_root("stateful_sequences_in_both_orders") {
@@ -35,8 +23,7 @@ fn stateful_sequences_in_both_orders() {
     for ingress in Hook::INGRESS {
         let mut bpf = main_bpf();
         let eg = Hook::TcEgress;
-        sequence(
-            &mut bpf,
+        bpf.sequence(
             "egress-opened tcp",
             &[
                 (eg, tcp(ME4, "198.19.1.1", 40001, 443, TH_SYN), true),
@@ -51,8 +38,7 @@ fn stateful_sequences_in_both_orders() {
                 (ingress, tcp("198.19.1.2", ME4, 443, 40001, TH_ACK), false),
             ],
         );
-        sequence(
-            &mut bpf,
+        bpf.sequence(
             "ingress-opened tcp",
             &[
                 (ingress, tcp("198.18.10.5", ME4, 50000, 22, TH_SYN), true),
@@ -67,8 +53,7 @@ fn stateful_sequences_in_both_orders() {
                 (eg, tcp(ME4, "198.18.10.5", 40000, 22, TH_SYN), false),
             ],
         );
-        sequence(
-            &mut bpf,
+        bpf.sequence(
             "egress-opened tcp6",
             &[
                 (eg, tcp(ME6, "2001:db8:2::1", 40001, 443, TH_SYN), true),
@@ -84,8 +69,7 @@ fn stateful_sequences_in_both_orders() {
                 ),
             ],
         );
-        sequence(
-            &mut bpf,
+        bpf.sequence(
             "ingress-opened tcp6",
             &[
                 (
@@ -105,8 +89,7 @@ fn stateful_sequences_in_both_orders() {
                 ),
             ],
         );
-        sequence(
-            &mut bpf,
+        bpf.sequence(
             "udp",
             &[
                 (eg, udp(ME4, "198.19.1.1", 40000, 53), true),
@@ -117,8 +100,7 @@ fn stateful_sequences_in_both_orders() {
                 (eg, udp(ME4, "198.18.1.1", 5002, 40000), false),
             ],
         );
-        sequence(
-            &mut bpf,
+        bpf.sequence(
             "udp6",
             &[
                 (eg, udp(ME6, "2001:db8:2::1", 40000, 53), true),
@@ -126,8 +108,7 @@ fn stateful_sequences_in_both_orders() {
                 (ingress, udp("2001:db8:2::1", ME6, 53, 40001), false),
             ],
         );
-        sequence(
-            &mut bpf,
+        bpf.sequence(
             "icmp echo by identifier and type",
             &[
                 (eg, icmp(ME4, "198.19.1.1", 8, 0, 77), true),
@@ -139,8 +120,7 @@ fn stateful_sequences_in_both_orders() {
                 (eg, icmp(ME4, "198.18.1.1", 0, 0, 98), false),
             ],
         );
-        sequence(
-            &mut bpf,
+        bpf.sequence(
             "icmpv6 echo",
             &[
                 (eg, icmp(ME6, "2001:db8:2::1", 128, 0, 77), true),
@@ -148,8 +128,7 @@ fn stateful_sequences_in_both_orders() {
                 (ingress, icmp("2001:db8:2::1", ME6, 128, 0, 77), false),
             ],
         );
-        sequence(
-            &mut bpf,
+        bpf.sequence(
             "other protocol by address pair",
             &[
                 (

@@ -10,23 +10,11 @@ use sg_common::{counter, drop_reason, DIR_EGRESS, DIR_INGRESS};
 use sg_tests::{
     bpf::{Bpf, Hook, Outcome, LO},
     fixtures::{main_bpf, sizes, state, ME4, ME6},
-    packet::{icmp, icmp_error, tcp, udp, Spec, TH_ACK, TH_FIN, TH_RST, TH_SYN},
+    packet::{icmp, icmp_error, tcp, udp, TH_ACK, TH_FIN, TH_RST, TH_SYN},
     privileges::require_root,
 };
 
 const EG: Hook = Hook::TcEgress;
-
-/// Runs (hook, frame, passes) steps in order on one conntrack table.
-fn steps(bpf: &mut Bpf, name: &str, steps: &[(Hook, Spec, bool)]) {
-    for (i, (hook, spec, pass)) in steps.iter().enumerate() {
-        assert_eq!(
-            bpf.run(*hook, &spec.build()),
-            *pass,
-            "{name}: step {i} ({hook:?} {:?})",
-            spec.l4
-        );
-    }
-}
 
 /// (in the established table, in the embryonic table) counts of flows.
 fn tables(bpf: &mut Bpf) -> (usize, usize) {
@@ -43,8 +31,7 @@ fn only_icmp_queries_open_and_match_flows() {
     for ingress in Hook::INGRESS {
         let mut bpf = main_bpf();
         // The state allows timestamp requests (13/0) from 198.18.0.0/16, and no type 5.
-        steps(
-            &mut bpf,
+        bpf.sequence(
             &format!("{ingress:?}: timestamp query"),
             &[
                 (ingress, icmp("198.18.1.1", ME4, 13, 0, 7), true),
@@ -258,8 +245,7 @@ fn replies_of_untracked_flows_open_nothing() {
             &sizes(),
         );
         for (v4, me, peer) in [(true, ME4, "198.19.5.5"), (false, ME6, "2001:db8:9::5")] {
-            steps(
-                &mut bpf,
+            bpf.sequence(
                 &format!("{ingress:?} v4={v4}"),
                 &[
                     (ingress, tcp(peer, me, 43000, 80, TH_SYN), true),
