@@ -50,7 +50,7 @@ pub(crate) fn bench_datapath(mode: Mode) {
         Mode::Quick => (&[10, 1000, 10_000, 100_000], 50_000, 1000, 3),
         Mode::Full => (&[10, 1000, 10_000, 100_000], 500_000, 5000, 5),
     };
-    let me4 = "198.18.255.254";
+    let me4 = "198.19.255.254";
     let me6 = "2001:db8:ff::1";
     // rows: (case, family, mode) → per scale Stat
     let mut table: BTreeMap<(String, &str, &str), Vec<Stat>> = BTreeMap::new();

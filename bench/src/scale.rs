@@ -39,7 +39,7 @@ pub fn state_text(rules: u32, members: u32) -> String {
     }
     s += "]\n\n[[interface]]\nid = \"eni-srv\"\n";
     s +=
-        &format!("mac = \"{SERVER_MAC}\"\nipv4 = [\"198.18.255.254\"]\ngroups = [\"sg-server\"]\n");
+        &format!("mac = \"{SERVER_MAC}\"\nipv4 = [\"198.19.255.254\"]\ngroups = [\"sg-server\"]\n");
     s += &members_text(0, members);
     s
 }
