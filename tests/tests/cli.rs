@@ -322,3 +322,49 @@ fn run_status_flows_hot_plug_sighup_api_and_detach() {
         tcp::reaches(&web1.ns, "198.18.2.21:4000").then_some(())
     });
 }
+
+#[test]
+fn completions_man_page_and_a_version_that_names_its_build() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = sg(&["completions", shell]);
+        assert_eq!(out.status.code(), Some(0), "completions {shell}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("sg-agent") && text.contains("validate"),
+            "{shell}: {text}"
+        );
+    }
+    assert_eq!(sg(&["completions", "tcsh"]).status.code(), Some(64));
+    let man = sg(&["man"]);
+    assert_eq!(man.status.code(), Some(0));
+    let man = String::from_utf8_lossy(&man.stdout);
+    assert!(
+        man.contains(".TH sg-agent 1") && man.contains("validate"),
+        "{man}"
+    );
+    let v = String::from_utf8_lossy(&sg(&["--version"]).stdout).to_string();
+    // `sg-agent 0.1.0 (commit 0123456789ab, eBPF object sha256 <64 hex>)`
+    let commit = v
+        .split("commit ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .unwrap_or_default();
+    assert!(
+        commit.len() == 12 && commit.chars().all(|c| c.is_ascii_hexdigit()),
+        "--version names the commit: {v}"
+    );
+    let object = v
+        .split("sha256 ")
+        .nth(1)
+        .map(|r| r.trim().trim_end_matches(')'))
+        .unwrap_or_default();
+    assert!(
+        object.len() == 64 && object.chars().all(|c| c.is_ascii_hexdigit()),
+        "--version names the eBPF object: {v}"
+    );
+    let help = String::from_utf8_lossy(&sg(&["--help"]).stdout).to_string();
+    assert!(
+        help.contains("RUST_LOG"),
+        "--help documents RUST_LOG: {help}"
+    );
+}

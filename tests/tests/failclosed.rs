@@ -451,3 +451,41 @@ fn housekeeping_runs_while_the_state_keeps_changing() {
     writer.join().unwrap();
     agent.stop();
 }
+
+#[test]
+fn pins_and_their_directories_are_private() {
+    if !require_root("pins_and_their_directories_are_private") {
+        return;
+    }
+    let (_lab, db, _web3) = Lab::db_and_web3();
+    let dir = TempDir::new("perms");
+    let state = dir.path("state.toml");
+    let sha = write_state(&state, &example("two-tier.toml"));
+    let mut agent = db.start_agent(&state, &[], &dir.path("agent.log"));
+    db.wait_applied(&sha, &mut agent);
+    let out = db
+        .cmd("sh")
+        .args([
+            "-c",
+            "stat -c '%a %F %n' /sys/fs/bpf/sg /sys/fs/bpf/sg/links /sys/fs/bpf/sg/* /sys/fs/bpf/sg/links/*",
+        ])
+        .output()
+        .expect("stat");
+    let listing = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut seen = 0;
+    for line in listing.lines() {
+        let mode = line.split_whitespace().next().unwrap_or_default();
+        let want = if line.contains("directory") {
+            "700"
+        } else {
+            "600"
+        };
+        assert_eq!(mode, want, "{line}\n{listing}");
+        seen += 1;
+    }
+    assert!(
+        seen > 15,
+        "every map pin, the links and the directories:\n{listing}"
+    );
+    agent.stop();
+}

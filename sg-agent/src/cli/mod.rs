@@ -21,15 +21,27 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sg";
 /// Exit code for bad usage (EX_USAGE).
 pub const EXIT_USAGE: u8 = 64;
 
+/// `--version`: the version, the commit and the embedded eBPF object.
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("SG_COMMIT"),
+    ", eBPF object sha256 ",
+    env!("SG_OBJECT_SHA256"),
+    ")"
+);
+
 #[derive(Parser, Debug)]
 #[command(
     name = "sg-agent",
-    version,
+    version = LONG_VERSION,
     about = "AWS-style security groups enforced in the Linux kernel with eBPF",
     long_about = "sg-agent enforces EC2 security groups on this host's interfaces: it compiles the \
                   state file into BPF maps, attaches an ingress (XDP or TC) and a TC egress program \
                   to every interface whose MAC address is in the state, and keeps the maps equal \
-                  to the state as it changes. Programs and maps stay in place when it exits."
+                  to the state as it changes. Programs and maps stay in place when it exits.",
+    after_help = "Logs go to stderr, machine output to stdout. RUST_LOG sets the log level \
+                  (error, warn, info, debug, trace; default info). Bad usage exits 64."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -68,6 +80,13 @@ pub enum Command {
         json: bool,
     },
     /// Remove every program, link and pin the agent made.
+    /// Print a shell completion script (bash, zsh or fish) to stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout, built from these same definitions.
+    Man,
     Detach {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
@@ -102,10 +121,40 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Status { pin_dir, json } => inspect::status(&pin_dir, json),
         Command::Flows { pin_dir, json } => inspect::flows(&pin_dir, json),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "sg-agent", &mut out);
+            print_all(&out)
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            match clap_mangen::Man::new(cmd).render(&mut out) {
+                Ok(()) => print_all(&out),
+                Err(e) => {
+                    eprintln!("sg-agent man: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Detach {
             pin_dir,
             interface,
             force,
         } => detach::detach(&pin_dir, interface.as_deref(), force),
+    }
+}
+
+/// Writes generated text to stdout; a reader that went away (`| head`) is not an error.
+fn print_all(bytes: &[u8]) -> ExitCode {
+    use std::io::Write;
+    match std::io::stdout().write_all(bytes) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sg-agent: writing to stdout: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -26,11 +26,20 @@ impl Datapath {
         links_dir: Option<&Path>,
     ) -> Result<()> {
         if let Some(dir) = links_dir {
-            std::fs::create_dir_all(dir).map_err(|source| DatapathError::Pin {
-                what: "creating",
-                path: dir.into(),
-                source,
-            })?;
+            // Private like the pin directory: 0700 (SPEC §6, the unit's hardening).
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .and_then(|()| {
+                    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                })
+                .map_err(|source| DatapathError::Pin {
+                    what: "creating",
+                    path: dir.into(),
+                    source,
+                })?;
         }
         let (ingress, other) = match hook {
             IngressHook::Xdp => (link_kind::XDP, link_kind::TC_INGRESS),
