@@ -154,10 +154,10 @@ pub fn pinned_document(pin_dir: &Path) -> Result<serde_json::Value, DatapathErro
                     .expect("object")
                     .insert(name, value.into());
             }
-            let eni = doc["interfaces"]
+            let agent_view = doc["interfaces"]
                 .as_array()
                 .and_then(|a| a.iter().find(|i| i["ifindex"] == *ifindex))
-                .map(|i| i["network_interface"].clone())
+                .cloned()
                 .unwrap_or(serde_json::Value::Null);
             let timeouts: serde_json::Map<String, serde_json::Value> = ct::TIMEOUT_NAMES
                 .iter()
@@ -167,7 +167,9 @@ pub fn pinned_document(pin_dir: &Path) -> Result<serde_json::Value, DatapathErro
             serde_json::json!({
                 "ifindex": ifindex,
                 "name": names.get(ifindex),
-                "network_interface": eni,
+                "network_interface": agent_view["network_interface"],
+                "groups": agent_view["groups"],
+                "orphaned": agent_view["orphaned"].as_bool().unwrap_or(false),
                 "counters": by_dir,
                 "timeouts": timeouts,
             })
@@ -176,19 +178,22 @@ pub fn pinned_document(pin_dir: &Path) -> Result<serde_json::Value, DatapathErro
     let agent_running = doc["agent_pid"]
         .as_u64()
         .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-    Ok(serde_json::json!({
-        "pin_dir": pin_dir,
-        "agent_running": agent_running,
-        "applied_state_sha256": doc["applied_state_sha256"],
-        "state_path": doc["state_path"],
-        "last_error": doc["last_error"],
-        "ingress_hook": doc["ingress_hook"],
-        "orphaned": doc["orphaned"],
-        "enforcement_lost": doc["enforcement_lost"],
-        "interfaces": interfaces,
-        "agent": doc,
-    }))
+    // One document, each field once: what the agent wrote, with the maps' view of each
+    // interface (name, groups, counters, timeouts) merged into its entry.
+    let mut out = match doc {
+        serde_json::Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    };
+    out.insert("schema_version".into(), SCHEMA_VERSION.into());
+    out.insert("pin_dir".into(), serde_json::json!(pin_dir));
+    out.insert("agent_running".into(), agent_running.into());
+    out.insert("interfaces".into(), interfaces.into());
+    Ok(serde_json::Value::Object(out))
 }
+
+/// The version of `sg-agent status --json`'s document; bumped when a field changes
+/// meaning or goes away.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Counters of every enforced interface in Prometheus text format.
 pub fn metrics(pin_dir: &Path) -> String {

@@ -230,7 +230,7 @@ impl Host {
                 }
                 let s = self.status()?;
                 // The status of this agent process, not one left by an earlier one.
-                let mine = s["agent"]["agent_pid"].as_u64() == Some(agent.child.id() as u64);
+                let mine = s["agent_pid"].as_u64() == Some(agent.child.id() as u64);
                 (mine && s["applied_state_sha256"].as_str() == Some(sha256)).then_some(())
             },
         );

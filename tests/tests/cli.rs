@@ -174,8 +174,16 @@ fn run_status_flows_hot_plug_sighup_api_and_detach() {
         return;
     }
     let mut lab = Lab::new();
-    let db = lab.host("db", "02:5e:00:00:02:01", &["198.18.2.21/16"]);
-    let web1 = lab.host("web1", "02:5e:00:00:01:01", &["198.18.1.11/16"]);
+    let db = lab.host(
+        "db",
+        "02:5e:00:00:02:01",
+        &["198.18.2.21/16", "2001:db8:2::21/32"],
+    );
+    let web1 = lab.host(
+        "web1",
+        "02:5e:00:00:01:01",
+        &["198.18.1.11/16", "2001:db8:1::11/32"],
+    );
     tcp::echo_server(&db.ns, "[::]:3306");
     tcp::echo_server(&db.ns, "[::]:4000");
     wait_for("the lab", Duration::from_secs(10), || {
@@ -227,8 +235,23 @@ fn run_status_flows_hot_plug_sighup_api_and_detach() {
     );
     assert_eq!(st["agent_running"], true);
     assert_eq!(st["last_error"], serde_json::Value::Null);
+    // One versioned document, each field once (no nested copy of the agent's own).
+    assert_eq!(st["schema_version"], 2, "{st}");
+    assert!(
+        st.get("agent").is_none(),
+        "no duplicated agent document: {st}"
+    );
+    assert_eq!(
+        st["interfaces"][0]["groups"][0], "sg-0a000000000000db",
+        "each interface's groups: {st}"
+    );
     let human = db.cmd(agent_bin()).arg("status").output().unwrap();
-    assert!(String::from_utf8_lossy(&human.stdout).contains(&sha));
+    let human = String::from_utf8_lossy(&human.stdout).to_string();
+    assert!(human.contains(&sha), "{human}");
+    assert!(
+        human.contains("groups   sg-0a000000000000db"),
+        "human status lists the groups: {human}"
+    );
 
     let mut conn =
         tcp::connect(&web1.ns, "198.18.2.21:3306", None, Duration::from_secs(1)).unwrap();
@@ -246,6 +269,32 @@ fn run_status_flows_hot_plug_sighup_api_and_detach() {
             && f["origin"] == "ingress"
     });
     assert!(found, "the connection is listed as a flow: {flows}");
+    // Human flows: aligned columns, and IPv6 endpoints as [addr]:port.
+    let mut conn6 = tcp::connect(
+        &web1.ns,
+        "[2001:db8:2::21]:3306",
+        None,
+        Duration::from_secs(2),
+    )
+    .expect("web1 → db over IPv6");
+    assert!(tcp::echo_ok(&mut conn6));
+    let table = db.cmd(agent_bin()).arg("flows").output().unwrap();
+    let table = String::from_utf8_lossy(&table.stdout).to_string();
+    let header = table.lines().next().unwrap_or_default();
+    let remote_col = header.find("remote").expect("a remote column");
+    for line in table.lines().skip(1) {
+        assert!(
+            line.len() > remote_col && line.as_bytes()[remote_col - 1] == b' ',
+            "columns align:\n{table}"
+        );
+    }
+    assert!(table.contains("[2001:db8:2::21]:3306"), "{table}");
+    let none = Command::new(agent_bin())
+        .args(["flows", "--pin-dir", "/nonexistent/sg"])
+        .output()
+        .unwrap();
+    assert_eq!(none.status.code(), Some(1), "flows with no pins");
+    assert!(String::from_utf8_lossy(&none.stderr).contains("no pins"));
 
     // The API, only because --api asked for it.
     let api = db.cmd("bash").args(["-c", "exec 3<>/dev/tcp/127.0.0.1/9464; printf 'GET /status HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"]).output().unwrap();

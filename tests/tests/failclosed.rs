@@ -253,7 +253,7 @@ fn a_change_written_while_the_agent_starts_is_never_lost() {
             let st = db.status();
             let mine = st
                 .as_ref()
-                .is_some_and(|s| s["agent"]["agent_pid"].as_u64() == Some(agent.child.id() as u64));
+                .is_some_and(|s| s["agent_pid"].as_u64() == Some(agent.child.id() as u64));
             if mine {
                 let st = st.expect("status");
                 let applied = st["applied_state_sha256"].as_str().map(str::to_string);

@@ -7,18 +7,46 @@ use std::process::ExitCode;
 
 use crate::{conntrack, datapath::Tables, status, sys};
 
+/// The pins must be there and readable: says why not (no pins, or no permission and
+/// the capability needed) and gives the exit code.
+fn check_pins(pin_dir: &std::path::Path, command: &str) -> Result<(), ExitCode> {
+    match std::fs::read_dir(pin_dir) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            eprintln!(
+                "sg-agent {command}: {}: permission denied; reading the pins needs root (or CAP_BPF with read access to the pin directory)",
+                pin_dir.display()
+            );
+            Err(ExitCode::FAILURE)
+        }
+        Err(_) => {
+            eprintln!(
+                "sg-agent {command}: {}: no pins; sg-agent has not run with this --pin-dir",
+                pin_dir.display()
+            );
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// A failed read of the pins, in words: a permission problem names the capability.
+fn read_error(command: &str, e: &crate::datapath::DatapathError) {
+    let text = e.to_string();
+    if text.contains("Operation not permitted") || text.contains("Permission denied") {
+        eprintln!("sg-agent {command}: {text}: reading BPF maps needs root or CAP_BPF");
+    } else {
+        eprintln!("sg-agent {command}: {text}");
+    }
+}
+
 pub(super) fn status(pin_dir: &std::path::Path, json: bool) -> ExitCode {
-    if !pin_dir.exists() {
-        eprintln!(
-            "{}: no pins; sg-agent has not run with this --pin-dir",
-            pin_dir.display()
-        );
-        return ExitCode::FAILURE;
+    if let Err(code) = check_pins(pin_dir, "status") {
+        return code;
     }
     let out = match status::pinned_document(pin_dir) {
         Ok(x) => x,
         Err(e) => {
-            eprintln!("sg-agent status: {e}");
+            read_error("status", &e);
             return ExitCode::FAILURE;
         }
     };
@@ -46,12 +74,34 @@ pub(super) fn status(pin_dir: &std::path::Path, json: bool) -> ExitCode {
         "last error:      {}",
         out["last_error"].as_str().unwrap_or("none")
     );
+    if let Some(n) = out["enforcement_lost"]["count"].as_u64().filter(|n| *n > 0) {
+        println!("enforcement lost: {n} times (restored)");
+    }
     for i in &interfaces {
+        let groups: Vec<&str> = i["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|g| g.as_str())
+            .collect();
         println!(
-            "\n{} (ifindex {}) = {}",
+            "\n{} (ifindex {}) = {}{}",
             i["name"].as_str().unwrap_or("?"),
             i["ifindex"],
-            i["network_interface"].as_str().unwrap_or("?")
+            i["network_interface"].as_str().unwrap_or("?"),
+            if i["orphaned"] == true {
+                "  ORPHANED (keeps its last valid policy)"
+            } else {
+                ""
+            }
+        );
+        println!(
+            "  groups   {}",
+            if groups.is_empty() {
+                "-".to_string()
+            } else {
+                groups.join(", ")
+            }
         );
         for dir in ["ingress", "egress"] {
             let nonzero: Vec<String> = i["counters"][dir]
@@ -75,10 +125,13 @@ pub(super) fn status(pin_dir: &std::path::Path, json: bool) -> ExitCode {
 }
 
 pub(super) fn flows(pin_dir: &std::path::Path, json: bool) -> ExitCode {
+    if let Err(code) = check_pins(pin_dir, "flows") {
+        return code;
+    }
     let flows = match Tables::Pinned(pin_dir).flows() {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("sg-agent flows: {e}");
+            read_error("flows", &e);
             return ExitCode::FAILURE;
         }
     };
@@ -91,25 +144,52 @@ pub(super) fn flows(pin_dir: &std::path::Path, json: bool) -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    println!(
-        "{:<7} {:<6} {:<40} {:<40} {:<8} {:<12} {:>8}",
-        "ifindex", "proto", "local", "remote", "origin", "state", "idle s"
-    );
+    // Endpoints as sockets print them: `addr:port`, `[addr]:port` for IPv6; columns as
+    // wide as their widest cell.
+    let endpoint = |a: &serde_json::Value, p: &serde_json::Value| {
+        let a = a.as_str().unwrap_or("");
+        match p.as_u64() {
+            Some(p) if a.contains(':') => format!("[{a}]:{p}"),
+            Some(p) => format!("{a}:{p}"),
+            None => a.to_string(),
+        }
+    };
+    let mut table: Vec<[String; 8]> = vec![[
+        "ifindex", "proto", "local", "remote", "origin", "state", "rule", "idle s",
+    ]
+    .map(String::from)];
     for r in &rows {
-        let ep = |a: &serde_json::Value, p: &serde_json::Value| match p.as_u64() {
-            Some(p) => format!("{}:{p}", a.as_str().unwrap_or("")),
-            None => a.as_str().unwrap_or("").to_string(),
-        };
-        println!(
-            "{:<7} {:<6} {:<40} {:<40} {:<8} {:<12} {:>8}",
-            r["ifindex"],
-            r["protocol"].as_str().unwrap_or(""),
-            ep(&r["local"], &r["local_port"]),
-            ep(&r["remote"], &r["remote_port"]),
-            r["origin"].as_str().unwrap_or(""),
-            r["tcp_state"].as_str().unwrap_or(""),
-            r["idle_seconds"]
-        );
+        table.push([
+            r["ifindex"].to_string(),
+            r["protocol"].as_str().unwrap_or("").to_string(),
+            endpoint(&r["local"], &r["local_port"]),
+            endpoint(&r["remote"], &r["remote_port"]),
+            r["origin"].as_str().unwrap_or("").to_string(),
+            match r["tcp_state"].as_str() {
+                Some("") | None => "-".to_string(),
+                Some(s) => s.to_string(),
+            },
+            r["rule_id"].to_string(),
+            r["idle_seconds"].to_string(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..8)
+        .map(|c| table.iter().map(|row| row[c].len()).max().unwrap_or(0))
+        .collect();
+    for row in &table {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(c, (cell, w))| {
+                if c == 7 {
+                    format!("{cell:>w$}")
+                } else {
+                    format!("{cell:<w$}")
+                }
+            })
+            .collect();
+        println!("{}", cells.join("  ").trim_end());
     }
     ExitCode::SUCCESS
 }
