@@ -6,10 +6,10 @@ use std::{
     path::Path,
 };
 
-/// Top-level module → the top-level modules its files name with `crate::`.
-fn dependencies() -> BTreeMap<String, BTreeSet<String>> {
+/// Every source file of the crate: (path below src/, text).
+fn sources() -> Vec<(String, String)> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut out = Vec::new();
     let mut stack = vec![src.clone()];
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).unwrap().flatten() {
@@ -23,6 +23,17 @@ fn dependencies() -> BTreeMap<String, BTreeSet<String>> {
                 .unwrap()
                 .to_string_lossy()
                 .to_string();
+            out.push((rel, std::fs::read_to_string(&path).unwrap()));
+        }
+    }
+    out
+}
+
+/// Top-level module → the top-level modules its files name with `crate::`.
+fn dependencies() -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (rel, text) in sources() {
+        {
             let module = rel
                 .split('/')
                 .next()
@@ -32,7 +43,6 @@ fn dependencies() -> BTreeMap<String, BTreeSet<String>> {
             if module == "lib" || module == "main" {
                 continue;
             }
-            let text = std::fs::read_to_string(&path).unwrap();
             let deps = out.entry(module.clone()).or_default();
             // `crate::name` anywhere, and the first names of `use crate::{a, b::c}`.
             for (at, _) in text.match_indices("crate::") {
@@ -118,21 +128,8 @@ fn modules_depend_on_each_other_without_cycles() {
 
 #[test]
 fn only_sys_is_allowed_unsafe() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut stack = vec![src.clone()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-                continue;
-            }
-            let name = path
-                .strip_prefix(&src)
-                .unwrap()
-                .to_string_lossy()
-                .to_string();
-            let text = std::fs::read_to_string(&path).unwrap();
+    for (name, text) in sources() {
+        {
             match name.as_str() {
                 "sys.rs" => assert!(text.contains("#![allow(unsafe_code)]")),
                 "lib.rs" => assert!(text.contains("#![deny(unsafe_code)]")),

@@ -97,16 +97,28 @@ fn map_type(kind: MapKind) -> MapType {
     }
 }
 
+/// The kernel's view of the pinned map of `spec`, if it is pinned.
+fn pinned_info(
+    pin_dir: &Path,
+    spec: &'static registry::MapSpec,
+) -> Result<Option<aya::maps::MapInfo>> {
+    let path = pin_dir.join(spec.name);
+    if !path.exists() {
+        return Ok(None);
+    }
+    MapData::from_pin(&path)
+        .and_then(|m| m.info())
+        .map(Some)
+        .map_err(map_err(spec.name))
+}
+
 /// Refuses to adopt pinned maps whose layout differs from the registry's.
 pub(super) fn check_layouts(pin_dir: &Path) -> Result<()> {
     for spec in &registry::MAPS {
-        let path = pin_dir.join(spec.name);
-        if !path.exists() {
+        let Some(info) = pinned_info(pin_dir, spec)? else {
             continue;
-        }
-        let info = MapData::from_pin(&path)
-            .and_then(|m| m.info())
-            .map_err(map_err(spec.name))?;
+        };
+        let path = pin_dir.join(spec.name);
         let found_kind = info.map_type().map_err(map_err(spec.name))?;
         let kind = map_type(spec.kind);
         if found_kind != kind
@@ -157,13 +169,9 @@ pub(super) fn check_sizes(pin_dir: &Path, sizes: &super::MapSizes) -> Result<()>
         let Some(wanted) = sizes.of(spec.sizing) else {
             continue;
         };
-        let path = pin_dir.join(spec.name);
-        if !path.exists() {
+        let Some(info) = pinned_info(pin_dir, spec)? else {
             continue;
-        }
-        let info = MapData::from_pin(&path)
-            .and_then(|m| m.info())
-            .map_err(map_err(spec.name))?;
+        };
         if info.max_entries() != wanted {
             return Err(DatapathError::Size {
                 name: spec.name,
