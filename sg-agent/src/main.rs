@@ -3,11 +3,11 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .target(env_logger::Target::Stderr)
-        .init();
     match sg_agent::cli::parse() {
-        Ok(cli) => sg_agent::cli::main(cli),
+        Ok(cli) => {
+            sg_agent::cli::init_logging(&cli);
+            sg_agent::cli::main(cli)
+        }
         Err(code) => code,
     }
 }

@@ -166,6 +166,79 @@ fn validate_and_explain() {
         "0",
     ]);
     assert!(icmp.starts_with("DENY"), "{icmp}");
+    // Bad usage, before the file is read: exit 64 with the reason.
+    let state = example("two-tier.toml");
+    for (args, says) in [
+        (
+            &["--protocol", "tcp", "--remote", "198.18.1.1"][..],
+            "--port is required",
+        ),
+        (
+            &["--protocol", "udp", "--remote", "198.18.1.1"][..],
+            "--port is required",
+        ),
+        (
+            &[
+                "--protocol",
+                "icmp",
+                "--remote",
+                "198.18.1.1",
+                "--port",
+                "8",
+            ][..],
+            "does not apply",
+        ),
+        (
+            &[
+                "--protocol",
+                "icmp",
+                "--remote",
+                "2001:db8::1",
+                "--icmp-type",
+                "8",
+            ][..],
+            "icmpv6",
+        ),
+        (
+            &[
+                "--protocol",
+                "icmpv6",
+                "--remote",
+                "198.18.1.1",
+                "--icmp-type",
+                "128",
+            ][..],
+            "IPv4",
+        ),
+        (
+            &[
+                "--protocol",
+                "tcp",
+                "--remote",
+                "198.18.1.1",
+                "--port",
+                "1",
+                "--icmp-type",
+                "8",
+            ][..],
+            "--icmp-type",
+        ),
+    ] {
+        let mut all = vec![
+            "explain",
+            "--state",
+            state.to_str().unwrap(),
+            "--eni",
+            "eni-000000000000000db",
+            "--direction",
+            "ingress",
+        ];
+        all.extend_from_slice(args);
+        let out = sg(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
 }
 
 #[test]

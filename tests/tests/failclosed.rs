@@ -461,8 +461,21 @@ fn pins_and_their_directories_are_private() {
     let dir = TempDir::new("perms");
     let state = dir.path("state.toml");
     let sha = write_state(&state, &example("two-tier.toml"));
-    let mut agent = db.start_agent(&state, &[], &dir.path("agent.log"));
+    let mut agent = db.start_agent(&state, &["--log-format", "json"], &dir.path("agent.log"));
     db.wait_applied(&sha, &mut agent);
+    // --log-format json: every log line is one JSON object.
+    let log = agent.log_text();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["level"] == "info"
+            && l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("applied state"))),
+        "{log}"
+    );
     let out = db
         .cmd("sh")
         .args([

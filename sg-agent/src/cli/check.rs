@@ -97,7 +97,50 @@ pub(super) fn validate(path: &std::path::Path, json: bool) -> ExitCode {
     }
 }
 
+/// The usage mistakes of `explain`, found before anything is read: TCP and UDP need a
+/// port, ICMP takes a type and code instead, and the remote address must be of the
+/// protocol's family.
+fn explain_usage(a: &ExplainArgs, protocol: Protocol) -> Result<(), String> {
+    let icmp_fields = a.icmp_type.is_some() || a.icmp_code.is_some();
+    if protocol.has_ports() && a.port.is_none() {
+        return Err(format!("--port is required for {protocol}"));
+    }
+    if protocol.is_icmp() && a.port.is_some() {
+        return Err(format!(
+            "--port does not apply to {protocol}: give --icmp-type and --icmp-code"
+        ));
+    }
+    if !protocol.has_ports() && !protocol.is_icmp() && a.port.is_some() {
+        return Err(format!("--port does not apply to protocol {protocol}"));
+    }
+    if !protocol.is_icmp() && icmp_fields {
+        return Err(format!(
+            "--icmp-type and --icmp-code apply to icmp and icmpv6, not {protocol}"
+        ));
+    }
+    match (protocol, a.remote) {
+        (Protocol::Number(sg_common::PROTO_ICMP), IpAddr::V6(_)) => {
+            Err("icmp is IPv4's; for an IPv6 --remote use --protocol icmpv6".into())
+        }
+        (Protocol::Number(sg_common::PROTO_ICMPV6), IpAddr::V4(_)) => {
+            Err("icmpv6 is IPv6's; for an IPv4 --remote use --protocol icmp".into())
+        }
+        _ => Ok(()),
+    }
+}
+
 pub(super) fn explain(a: &ExplainArgs) -> ExitCode {
+    let Some(protocol) = Protocol::parse(&a.protocol) else {
+        eprintln!(
+            "--protocol {:?}: use tcp, udp, icmp, icmpv6, all or a number 0-255",
+            a.protocol
+        );
+        return ExitCode::from(EXIT_USAGE);
+    };
+    if let Err(e) = explain_usage(a, protocol) {
+        eprintln!("sg-agent explain: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
     let loaded = match source::load_file(&a.state) {
         Ok(l) => l,
         Err(e) => {
@@ -109,13 +152,6 @@ pub(super) fn explain(a: &ExplainArgs) -> ExitCode {
         eprintln!("{}: no network interface {:?}", a.state.display(), a.eni);
         return ExitCode::FAILURE;
     }
-    let Some(protocol) = Protocol::parse(&a.protocol) else {
-        eprintln!(
-            "--protocol {:?}: use tcp, udp, icmp, icmpv6, all or a number 0-255",
-            a.protocol
-        );
-        return ExitCode::from(EXIT_USAGE);
-    };
     let direction = if a.direction == "ingress" {
         Direction::Ingress
     } else {

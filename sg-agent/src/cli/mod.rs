@@ -14,7 +14,7 @@ mod inspect;
 mod run;
 
 pub use check::ExplainArgs;
-pub use run::{Hook, RunArgs};
+pub use run::{Hook, LogFormat, RunArgs};
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sg";
 
@@ -41,7 +41,8 @@ pub const LONG_VERSION: &str = concat!(
                   to every interface whose MAC address is in the state, and keeps the maps equal \
                   to the state as it changes. Programs and maps stay in place when it exits.",
     after_help = "Logs go to stderr, machine output to stdout. RUST_LOG sets the log level \
-                  (error, warn, info, debug, trace; default info). Bad usage exits 64."
+                  (error, warn, info, debug, trace; default info); `run --log-format json` \
+                  writes one JSON object per line. Bad usage exits 64."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -157,4 +158,30 @@ fn print_all(bytes: &[u8]) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs to stderr at RUST_LOG's level (info by default), as text or, for
+/// `run --log-format json`, one JSON object per line.
+pub fn init_logging(cli: &Cli) {
+    let json = matches!(&cli.command, Command::Run(a) if a.log_format == LogFormat::Json);
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    builder.target(env_logger::Target::Stderr);
+    if json {
+        builder.format(|buf, record| {
+            use std::io::Write;
+            let ts = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            let line = serde_json::json!({
+                "ts": ts,
+                "level": record.level().to_string().to_lowercase(),
+                "target": record.target(),
+                "message": record.args().to_string(),
+            });
+            writeln!(buf, "{line}")
+        });
+    }
+    builder.init();
 }

@@ -13,6 +13,12 @@ use crate::{
     datapath::{IngressHook, MapSizes},
 };
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Hook {
     Xdp,
@@ -51,6 +57,9 @@ pub struct RunArgs {
     /// Capacity of the new-connection (embryonic) table (at least 1).
     #[arg(long, default_value_t = sg_common::DEFAULT_CT_NEW_ENTRIES, value_parser = clap::value_parser!(u32).range(1..))]
     pub conntrack_new_size: u32,
+    /// Log lines as text or as one JSON object per line (ts, level, target, message).
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     /// Seconds between conntrack garbage collections (at least 1).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub gc_interval: u64,
