@@ -96,8 +96,14 @@ pub fn tcp_state_name(s: u8) -> &'static str {
     }
 }
 
-/// A flow as `sg-agent flows --json` prints it; `now` is the boot clock.
-pub fn flow_json((k, e, established): &FlowRow, now: u64) -> serde_json::Value {
+/// A flow as `sg-agent flows --json` prints it; `now` is the boot clock and `rules` the
+/// rule metadata that names the rule that admitted it.
+pub fn flow_json(
+    (k, e, established): &FlowRow,
+    now: u64,
+    rules: &std::collections::BTreeMap<u32, crate::compile::RuleInfo>,
+) -> serde_json::Value {
+    let rule = rules.get(&e.rule_id);
     let echo = is_echo(k);
     let port = |p: [u8; 2]| -> serde_json::Value {
         if echo {
@@ -119,7 +125,12 @@ pub fn flow_json((k, e, established): &FlowRow, now: u64) -> serde_json::Value {
         "assured": established,
         "packets": { "ingress": e.packets[0], "egress": e.packets[1] },
         "bytes": { "ingress": e.bytes[0], "egress": e.bytes[1] },
-        "rule_id": e.rule_id,
+        "rule_id": match (rule, e.rule_id) {
+            (Some(r), _) => r.stable_id.clone().into(),
+            (None, 0) => serde_json::Value::Null,
+            (None, n) => format!("#{n}").into(),
+        },
+        "group_id": rule.map(|r| r.key.group.clone()),
         "idle_seconds": now.saturating_sub(e.last_seen_ns) / 1_000_000_000,
     })
 }

@@ -15,6 +15,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod change;
 pub mod cli;
 pub mod compile;
 pub mod conntrack;

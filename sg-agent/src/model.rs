@@ -188,6 +188,9 @@ pub struct Rule {
     pub ports: PortMatch,
     pub peers: Vec<Peer>,
     pub description: Option<String>,
+    /// The rule's `SecurityGroupRuleId` (`sgr-…`) when the input names one; otherwise
+    /// the compiler derives a stable one from the rule's content (SPEC §7).
+    pub id: Option<String>,
 }
 
 impl Rule {
@@ -198,6 +201,7 @@ impl Rule {
             ports: PortMatch::Any,
             peers: vec![Peer::Cidr(Cidr::ANY_V4), Peer::Cidr(Cidr::ANY_V6)],
             description: None,
+            id: None,
         }
     }
 
@@ -339,7 +343,23 @@ pub struct RuleOrigin {
     pub peer: Vec<String>,
 }
 
+/// Whether `id` has the shape of a `SecurityGroupRuleId`.
+pub fn valid_rule_id(id: &str) -> bool {
+    id.strip_prefix("sgr-").is_some_and(|rest| {
+        (1..=32).contains(&rest.len())
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+    })
+}
+
 impl RuleOrigin {
+    /// The field that names the rule's id, beside its protocol field.
+    fn id_field(&self, aws: bool) -> String {
+        let at = self.protocol.rsplit_once('.').map_or("", |(at, _)| at);
+        format!("{at}.{}", if aws { "SecurityGroupRuleId" } else { "id" })
+    }
+
     /// The names of the native format for rule `index` of `dir` (also what a state that
     /// did not come from a file is reported in).
     pub fn native(dir: Direction, index: usize, peers: usize) -> RuleOrigin {
@@ -489,6 +509,7 @@ impl State {
             &mut problems,
         );
 
+        let mut rule_ids: BTreeMap<&str, String> = BTreeMap::new();
         for (gi, g) in self.security_groups.iter().enumerate() {
             let object = group_object(&g.id);
             if g.id.is_empty() {
@@ -505,6 +526,22 @@ impl State {
                         }
                     };
                     check_rule(rule, origin, &object, &groups, &lists, &mut problems);
+                    if let Some(id) = &rule.id {
+                        let field = origin.id_field(origins.aws);
+                        if !valid_rule_id(id) {
+                            problems.push(Problem::new(
+                                &object,
+                                &field,
+                                format!("{id:?} is not a security group rule id (sgr- followed by 1 to 32 lowercase letters or digits)"),
+                            ));
+                        } else if let Some(other) = rule_ids.insert(id, g.id.clone()) {
+                            problems.push(Problem::new(
+                                &object,
+                                &field,
+                                format!("rule id {id} is also used by a rule of {other}; rule ids must be unique"),
+                            ));
+                        }
+                    }
                 }
             }
         }

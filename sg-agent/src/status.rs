@@ -31,6 +31,7 @@ pub struct OrphanView {
 /// What the running agent reports about itself.
 pub struct AgentView<'a> {
     pub state_path: &'a Path,
+    pub run_dir: &'a Path,
     pub applied: Option<&'a LoadedState>,
     pub last_error: Option<&'a str>,
     pub hook: IngressHook,
@@ -86,6 +87,7 @@ pub fn agent_document(v: &AgentView<'_>) -> String {
     serde_json::json!({
         "agent_pid": std::process::id(),
         "state_path": v.state_path,
+        "run_dir": v.run_dir,
         "applied_state_sha256": v.applied.map(|s| s.sha256.clone()),
         "last_error": v.last_error,
         "ingress_hook": format!("{:?}", v.hook).to_lowercase(),

@@ -176,6 +176,7 @@ fn rule(rng: &mut Rng, groups: &[String], lists: &[String]) -> Rule {
         ports,
         peers,
         description: None,
+        id: None,
     }
 }
 

@@ -31,7 +31,7 @@ mod persist;
 mod reconcile;
 mod watch;
 
-pub use persist::{default_run_dir, holder};
+pub use persist::{default_run_dir, holder, load_known, pinned_plan, run_dir_of};
 pub use reconcile::{bind, Orphan};
 
 #[derive(Debug, thiserror::Error)]
@@ -246,6 +246,7 @@ impl Agent {
             .collect();
         let doc = status::agent_document(&status::AgentView {
             state_path: &self.opts.state,
+            run_dir: &self.opts.run_dir,
             applied: self.state.as_ref(),
             last_error: self.last_error.as_deref(),
             hook: self.opts.hook,

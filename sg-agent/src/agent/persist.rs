@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::{io, AgentError};
 use crate::{
     compile::{port_entries, Plan, RuleGrant, RuleInfo},
-    datapath::Datapath,
+    datapath::{Datapath, Tables},
 };
 
 /// The default run directory for a pin directory in this network namespace, so agents of
@@ -49,7 +49,29 @@ struct Metadata {
 
 /// The previous plan: what the maps hold, with the saved metadata when it matches them.
 pub(super) fn adopt(dp: &mut Datapath, run_dir: &Path) -> Result<Plan, AgentError> {
-    let mut plan = dp.tables().read_back()?;
+    read_plan(&dp.tables(), run_dir)
+}
+
+/// The run directory of the agent whose pins are under `pin_dir`: the one its status
+/// document names, else the default.
+pub fn run_dir_of(pin_dir: &Path) -> PathBuf {
+    Tables::Pinned(pin_dir)
+        .status_document()
+        .ok()
+        .flatten()
+        .and_then(|d| serde_json::from_str::<serde_json::Value>(&d).ok())
+        .and_then(|d| d["run_dir"].as_str().map(PathBuf::from))
+        .unwrap_or_else(|| default_run_dir(pin_dir))
+}
+
+/// The plan programmed under `pin_dir`, read back from the kernel's maps, with the rule
+/// metadata (stable ids, groups) the agent saved beside them when it matches the maps.
+pub fn pinned_plan(pin_dir: &Path) -> Result<Plan, AgentError> {
+    read_plan(&Tables::Pinned(pin_dir), &run_dir_of(pin_dir))
+}
+
+fn read_plan(tables: &Tables<'_>, run_dir: &Path) -> Result<Plan, AgentError> {
+    let mut plan = tables.read_back()?;
     let path = run_dir.join("plan.json");
     let Ok(text) = std::fs::read_to_string(&path) else {
         return Ok(plan);
@@ -175,7 +197,7 @@ fn known_path(run_dir: &Path) -> PathBuf {
 
 /// The last valid definitions of the locally enforced interfaces (and the groups and
 /// prefix lists they use), saved by the previous run; empty when there are none.
-pub(super) fn load_known(run_dir: &Path) -> crate::model::State {
+pub fn load_known(run_dir: &Path) -> crate::model::State {
     let path = known_path(run_dir);
     let Ok(text) = std::fs::read_to_string(&path) else {
         return crate::model::State::default();

@@ -113,6 +113,17 @@ impl Agent {
                     .is_some_and(|m| host.iter().any(|h| h.mac.as_deref() == Some(m)))
         };
         let changed = changed_interfaces(added, &change.removed);
+        let summary = crate::change::ChangeSummary::between(
+            &State {
+                network_interfaces: change.removed.clone(),
+                ..State::default()
+            },
+            &State {
+                network_interfaces: added.to_vec(),
+                ..State::default()
+            },
+        );
+        log::info!("change: {}", summary.one_line());
         let addresses = changed_addresses(&changed, added, |a| doc.holders(a) as usize);
         let membership = if changed.iter().any(|n| local(n)) {
             None
@@ -220,7 +231,11 @@ impl Agent {
             if !new.interfaces.contains_key(&ifindex) {
                 datapath::unpin_interface(&links, ifindex)?;
                 self.attached.remove(&ifindex);
-                log::info!("ifindex {ifindex}: no longer enforced; detached");
+                log::info!(
+                    "{} ({}, ifindex {ifindex}): no longer enforced; detached",
+                    self.names.get(&ifindex).map_or("?", |n| n.as_str()),
+                    self.plan.interfaces.get(&ifindex).map_or("?", |p| p.eni.as_str()),
+                );
             }
         }
         self.dp.apply(&ops)?;
@@ -257,6 +272,13 @@ impl Agent {
             }
         }
         let known = known_locals(effective, &bound);
+        let change = match &self.state {
+            Some(previous) => crate::change::ChangeSummary::between(&previous.state, &state),
+            None => crate::change::ChangeSummary::between(&State::default(), &state),
+        };
+        if !change.is_empty() {
+            log::info!("change: {}", change.one_line());
+        }
         self.plan = new;
         self.host = host;
         self.orphans = orphans;

@@ -9,7 +9,7 @@ use crate::{conntrack, datapath::Tables, status, sys};
 
 /// The pins must be there and readable: says why not (no pins, or no permission and
 /// the capability needed) and gives the exit code.
-fn check_pins(pin_dir: &std::path::Path, command: &str) -> Result<(), ExitCode> {
+pub(super) fn check_pins(pin_dir: &std::path::Path, command: &str) -> Result<(), ExitCode> {
     match std::fs::read_dir(pin_dir) {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
@@ -30,7 +30,7 @@ fn check_pins(pin_dir: &std::path::Path, command: &str) -> Result<(), ExitCode> 
 }
 
 /// A failed read of the pins, in words: a permission problem names the capability.
-fn read_error(command: &str, e: &crate::datapath::DatapathError) {
+pub(super) fn read_error(command: &str, e: &impl std::fmt::Display) {
     let text = e.to_string();
     if text.contains("Operation not permitted") || text.contains("Permission denied") {
         eprintln!("sg-agent {command}: {text}: reading BPF maps needs root or CAP_BPF");
@@ -136,7 +136,13 @@ pub(super) fn flows(pin_dir: &std::path::Path, json: bool) -> ExitCode {
         }
     };
     let now = sys::boot_ns();
-    let rows: Vec<serde_json::Value> = flows.iter().map(|f| conntrack::flow_json(f, now)).collect();
+    let rules = crate::agent::pinned_plan(pin_dir)
+        .map(|p| p.rules)
+        .unwrap_or_default();
+    let rows: Vec<serde_json::Value> = flows
+        .iter()
+        .map(|f| conntrack::flow_json(f, now, &rules))
+        .collect();
     if json {
         println!(
             "{}",
@@ -169,7 +175,7 @@ pub(super) fn flows(pin_dir: &std::path::Path, json: bool) -> ExitCode {
                 Some("") | None => "-".to_string(),
                 Some(s) => s.to_string(),
             },
-            r["rule_id"].to_string(),
+            r["rule_id"].as_str().unwrap_or("-").to_string(),
             r["idle_seconds"].to_string(),
         ]);
     }

@@ -10,7 +10,9 @@ use clap::{Parser, Subcommand};
 
 mod check;
 mod detach;
+mod diff;
 mod inspect;
+mod observe;
 mod run;
 
 pub use check::ExplainArgs;
@@ -80,7 +82,30 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Remove every program, link and pin the agent made.
+    /// The effective policy per enforced interface, read back from the kernel's maps,
+    /// rule by rule with stable ids and hit counters.
+    Policy {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Only this interface.
+        #[arg(long, value_name = "IFACE")]
+        interface: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What applying a new state would change, and which live flows it would cut; exit 0
+    /// when nothing would change, 2 when something would.
+    Diff {
+        /// The new state file.
+        #[arg(long)]
+        state: PathBuf,
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a shell completion script (bash, zsh or fish) to stdout.
     Completions {
         #[arg(value_enum)]
@@ -88,6 +113,7 @@ pub enum Command {
     },
     /// Print the man page (roff) to stdout, built from these same definitions.
     Man,
+    /// Remove every program, link and pin the agent made.
     Detach {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
@@ -122,6 +148,16 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Status { pin_dir, json } => inspect::status(&pin_dir, json),
         Command::Flows { pin_dir, json } => inspect::flows(&pin_dir, json),
+        Command::Policy {
+            pin_dir,
+            interface,
+            json,
+        } => observe::policy(&pin_dir, interface.as_deref(), json),
+        Command::Diff {
+            state,
+            pin_dir,
+            json,
+        } => diff::diff(&state, &pin_dir, json),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             let mut out = Vec::new();

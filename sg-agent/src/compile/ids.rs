@@ -6,7 +6,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::{port_entries, Ruleset};
-use crate::model::{Direction, PortMatch, Protocol, State};
+use sha2::{Digest, Sha256};
+
+use crate::model::{Direction, PortMatch, Protocol, Rule, State};
 
 use super::{Plan, RuleGrant, RuleInfo, RuleKey};
 
@@ -32,6 +34,38 @@ pub(super) fn assign_counter_slots(plan: &mut Plan, previous: &Plan) {
     }
 }
 
+/// The stable ids of a group's rules in one direction (SPEC §7): a rule's own
+/// `SecurityGroupRuleId`, or `sgr-` and 17 hex digits (the shape of AWS's ids) of a hash
+/// over what the rule is — group, direction, protocol, ports and peers in a canonical
+/// order — and its occurrence among identical rules. Its position in the list and its
+/// description do not count, so reordering or rewording rules, or any edit elsewhere,
+/// leaves the id as it was.
+pub fn stable_rule_ids(group: &str, direction: Direction, rules: &[Rule]) -> Vec<String> {
+    let mut identical: HashMap<String, u32> = HashMap::new();
+    rules
+        .iter()
+        .map(|rule| {
+            if let Some(id) = &rule.id {
+                return id.clone();
+            }
+            let mut peers: Vec<String> = rule.peers.iter().map(|p| p.to_string()).collect();
+            peers.sort();
+            peers.dedup();
+            let content = format!(
+                "{group}\n{direction}\n{}\n{}\n{}",
+                rule.protocol,
+                rule.ports,
+                peers.join(",")
+            );
+            let n = identical.entry(content.clone()).or_default();
+            *n += 1;
+            let digest = Sha256::digest(format!("{content}\n{}", *n - 1).as_bytes());
+            let hex: String = digest.iter().take(9).map(|b| format!("{b:02x}")).collect();
+            format!("sgr-{}", &hex[..17])
+        })
+        .collect()
+}
+
 pub(super) fn assign_rule_ids(state: &State, previous: &Plan) -> BTreeMap<u32, RuleInfo> {
     let known: HashMap<&RuleKey, u32> =
         previous.rules.iter().map(|(id, r)| (&r.key, *id)).collect();
@@ -39,7 +73,8 @@ pub(super) fn assign_rule_ids(state: &State, previous: &Plan) -> BTreeMap<u32, R
     for g in &state.security_groups {
         for direction in Direction::BOTH {
             let mut seen: HashMap<(Protocol, PortMatch), u32> = HashMap::new();
-            for (index, rule) in g.rules(direction).iter().enumerate() {
+            let ids = stable_rule_ids(&g.id, direction, g.rules(direction));
+            for ((index, rule), stable_id) in g.rules(direction).iter().enumerate().zip(ids) {
                 let nth = seen.entry((rule.protocol, rule.ports)).or_default();
                 let key = RuleKey {
                     group: g.id.clone(),
@@ -59,6 +94,7 @@ pub(super) fn assign_rule_ids(state: &State, previous: &Plan) -> BTreeMap<u32, R
                             ports: rule.ports,
                             nth: 0,
                         },
+                        stable_id,
                         group_name: g.name.clone(),
                         index,
                         description: rule.description.clone(),

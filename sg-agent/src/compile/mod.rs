@@ -25,6 +25,7 @@
 mod address;
 mod diff;
 mod ids;
+pub use ids::stable_rule_ids;
 mod membership;
 mod plan;
 mod ports;

@@ -31,6 +31,10 @@ pub struct RuleKey {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RuleInfo {
     pub key: RuleKey,
+    /// The stable id every output uses (SPEC §7): the input's `SecurityGroupRuleId`, or
+    /// one derived from the rule's content.
+    #[serde(default)]
+    pub stable_id: String,
     pub group_name: String,
     /// Index of the rule in its group's list for its direction.
     pub index: usize,

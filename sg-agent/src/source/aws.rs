@@ -50,6 +50,10 @@ struct Permission {
     user_id_group_pairs: Vec<GroupPair>,
     #[serde(default)]
     prefix_list_ids: Vec<PrefixListId>,
+    /// Not in DescribeSecurityGroups' output: a rule id carried over from
+    /// DescribeSecurityGroupRules (`sgr-…`), used as the rule's stable id.
+    #[serde(default)]
+    security_group_rule_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -577,6 +581,7 @@ fn permission(p: Permission, at: &str, rank: u32) -> (Option<Rule>, RuleOrigin, 
         },
         peers,
         description,
+        id: p.security_group_rule_id,
     });
     (rule, origin, errors)
 }
@@ -676,6 +681,9 @@ fn permission_json(r: &Rule) -> serde_json::Value {
     if let (Some(from), Some(to)) = (from, to) {
         v["FromPort"] = from.into();
         v["ToPort"] = to.into();
+    }
+    if let Some(id) = &r.id {
+        v["SecurityGroupRuleId"] = id.as_str().into();
     }
     v
 }

@@ -96,6 +96,9 @@ struct RawRule {
     to: Vec<String>,
     #[serde(default)]
     description: Option<String>,
+    /// A stable rule id of the operator's choice (`sgr-…`).
+    #[serde(default)]
+    id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -420,6 +423,7 @@ fn rule(r: RawRule, dir: Direction, index: usize) -> (Option<(Rule, RuleOrigin)>
             ports: if ok { ports } else { PortMatch::Any },
             peers: out,
             description: r.description,
+            id: r.id,
         };
         (rule, origin)
     });
