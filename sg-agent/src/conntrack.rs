@@ -53,6 +53,17 @@ pub fn revalidate(dp: &mut Datapath, plan: &Plan) -> Result<usize, DatapathError
     dp.delete_flows(&stale)
 }
 
+/// Whether a flow still carries traffic: not expired, and for TCP not closing (a new
+/// connection's packets never belong to it).
+pub fn is_live(key: &CtKey, entry: &sg_common::CtEntry, timeouts: &[u32; ct::TIMEOUT_COUNT], now: u64) -> bool {
+    !matches!(entry.tcp_state, ct::TCP_TIME_WAIT | ct::TCP_CLOSE)
+        && !ct::is_expired(
+            now,
+            entry.last_seen_ns,
+            timeouts[ct::timeout_slot(key.protocol, entry.tcp_state, entry.flags)],
+        )
+}
+
 /// Whether a flow key is an ICMP query flow (identifier in `local_port`).
 fn is_echo(key: &CtKey) -> bool {
     matches!(key.protocol, PROTO_ICMP | PROTO_ICMPV6)

@@ -411,9 +411,11 @@ fn from_maps(pin_dir: &std::path::Path, eni: &str, packet: &Packet) -> Result<Ex
             .global()
             .map(|g| g.clock_offset_ns)
             .unwrap_or(0);
+    let timeouts = plan.interfaces[&ifindex].config.timeouts;
     x.tracked_flow = flows
         .iter()
-        .find(|(k, _, _)| {
+        .find(|(k, e, _)| {
+            let live = crate::conntrack::is_live(k, e, &timeouts, now);
             let port_ok = match packet.protocol {
                 sg_common::PROTO_TCP | sg_common::PROTO_UDP => {
                     let p = match packet.direction {
@@ -428,6 +430,7 @@ fn from_maps(pin_dir: &std::path::Path, eni: &str, packet: &Packet) -> Result<Ex
                 && k.protocol == packet.protocol
                 && crate::datapath::addr_of(k.family, &k.remote) == packet.remote
                 && port_ok
+                && live
         })
         .map(|f| crate::conntrack::flow_json(f, now, &plan.rules));
     Ok(x)

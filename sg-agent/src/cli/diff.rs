@@ -114,11 +114,18 @@ pub(super) fn diff(new_path: &Path, pin_dir: &Path, json: bool) -> ExitCode {
     // untracked traffic of a removed rule stops at once.
     let revalidate = doc["revalidate"].as_bool().unwrap_or(false);
     let flows = Tables::Pinned(pin_dir).flows().unwrap_or_default();
-    let now = sys::boot_ns();
+    let now = sys::boot_ns()
+        + Tables::Pinned(pin_dir)
+            .global()
+            .map(|g| g.clock_offset_ns)
+            .unwrap_or(0);
     let mut no_longer_allowed = Vec::new();
     for f in &flows {
         let (k, e, _) = f;
-        if !new_plan.interfaces.contains_key(&k.ifindex) {
+        let Some(iface) = new_plan.interfaces.get(&k.ifindex) else {
+            continue;
+        };
+        if !crate::conntrack::is_live(k, e, &iface.config.timeouts, now) {
             continue;
         }
         let (proto, port) = opening_port(k, e.origin);
