@@ -60,6 +60,8 @@ pub(crate) fn bench_compile(mode: Mode) {
         ipv6: vec![scale::member_v6(members + 1)],
         groups: vec!["sg-members".into()],
         timeouts: Default::default(),
+        audit: false,
+        owner_id: None,
     });
     let (mut ctimes, mut dtimes, mut ops) = (vec![], vec![], 0);
     for _ in 0..reps.max(3) {

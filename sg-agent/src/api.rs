@@ -36,7 +36,10 @@ pub fn serve(
                 "/metrics" => (
                     "200 OK",
                     "text/plain; version=0.0.4",
-                    status::metrics(&pin_dir),
+                    status::metrics(
+                        &pin_dir,
+                        &document.lock().map(|s| s.clone()).unwrap_or_default(),
+                    ),
                 ),
                 _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
             };

@@ -161,7 +161,9 @@ impl ChangeSummary {
         part(&mut out, "-members", &self.members_removed, |(g, n)| {
             format!("{n} in {g}")
         });
-        part(&mut out, "+interfaces", &self.interfaces_added, |n| n.clone());
+        part(&mut out, "+interfaces", &self.interfaces_added, |n| {
+            n.clone()
+        });
         part(&mut out, "-interfaces", &self.interfaces_removed, |n| {
             n.clone()
         });
@@ -225,9 +227,13 @@ groups = ["sg-web"]
     #[test]
     fn an_unrelated_edit_keeps_rule_ids() {
         let old = crate::source::parse_str(OLD).expect("valid");
-        let new = crate::source::parse_str(&OLD.replace("198.18.1.1", "198.18.1.9")).expect("valid");
+        let new =
+            crate::source::parse_str(&OLD.replace("198.18.1.1", "198.18.1.9")).expect("valid");
         let c = ChangeSummary::between(&old, &new);
-        assert!(c.rules_added.is_empty() && c.rules_removed.is_empty(), "{c:?}");
+        assert!(
+            c.rules_added.is_empty() && c.rules_removed.is_empty(),
+            "{c:?}"
+        );
         assert_eq!(c.interfaces_changed, vec!["eni-web1".to_string()]);
     }
 }

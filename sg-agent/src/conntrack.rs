@@ -15,8 +15,8 @@ use crate::{
     sys,
 };
 
-/// Deletes expired flows; returns how many.
-pub fn gc(dp: &mut Datapath, plan: &Plan) -> Result<usize, DatapathError> {
+/// Deletes expired flows; returns them as they were (for the flow log's last records).
+pub fn gc(dp: &mut Datapath, plan: &Plan) -> Result<Vec<FlowRow>, DatapathError> {
     let offset = dp.global()?.clock_offset_ns;
     let now = sys::boot_ns() + offset;
     let mut expired = Vec::new();
@@ -27,10 +27,12 @@ pub fn gc(dp: &mut Datapath, plan: &Plan) -> Result<usize, DatapathError> {
             .map_or(ct::DEFAULT_TIMEOUTS, |i| i.config.timeouts);
         let slot = ct::timeout_slot(key.protocol, entry.tcp_state, entry.flags);
         if ct::is_expired(now, entry.last_seen_ns, timeouts[slot]) {
-            expired.push((key, established));
+            expired.push((key, entry, established));
         }
     }
-    dp.delete_flows(&expired)
+    let keys: Vec<(CtKey, bool)> = expired.iter().map(|(k, _, e)| (*k, *e)).collect();
+    dp.delete_flows(&keys)?;
+    Ok(expired)
 }
 
 /// Strict mode (SPEC §1.10): drops tracked flows whose opening packet the plan no longer
@@ -55,7 +57,12 @@ pub fn revalidate(dp: &mut Datapath, plan: &Plan) -> Result<usize, DatapathError
 
 /// Whether a flow still carries traffic: not expired, and for TCP not closing (a new
 /// connection's packets never belong to it).
-pub fn is_live(key: &CtKey, entry: &sg_common::CtEntry, timeouts: &[u32; ct::TIMEOUT_COUNT], now: u64) -> bool {
+pub fn is_live(
+    key: &CtKey,
+    entry: &sg_common::CtEntry,
+    timeouts: &[u32; ct::TIMEOUT_COUNT],
+    now: u64,
+) -> bool {
     !matches!(entry.tcp_state, ct::TCP_TIME_WAIT | ct::TCP_CLOSE)
         && !ct::is_expired(
             now,

@@ -1,11 +1,21 @@
-//! Flow events from the datapath (`SG_EVENTS`, a ring buffer): admitted flows and
-//! rate-limited denials, decoded into security-group terms for flow logs and `monitor`.
+//! Flow events from the datapath (`SG_EVENTS_V2`, a ring buffer): admitted flows and
+//! rate-limited denials, decoded into security-group terms. The running agent is the
+//! ring's one reader: a thread drains it, feeds the flow log, and streams every event as
+//! a JSON line to the `sg-agent monitor` clients on the run directory's socket.
 
 #![forbid(unsafe_code)]
 
-use std::net::IpAddr;
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    net::IpAddr,
+    os::unix::net::{UnixListener, UnixStream},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use sg_common::{FlowEvent, DIR_INGRESS, EVENT_ADMITTED};
+use sg_common::{FlowEvent, DIR_INGRESS, EVENT_ADMITTED, EVENT_AUDITED};
 
 use crate::{datapath::addr_of, model::Direction};
 
@@ -16,8 +26,16 @@ pub struct Event {
     pub time_ns: u64,
     pub ifindex: u32,
     pub admitted: bool,
+    /// Would have been denied; passed because the interface is in audit mode.
+    pub audited: bool,
     /// The rule that admitted the flow (0 for denials).
     pub rule_id: u32,
+    /// Why the packet was (or, audited, would have been) dropped: `drop_reason::*`; 0
+    /// for admitted flows.
+    pub reason: u32,
+    /// Bytes of the frame.
+    pub bytes: u32,
+    pub tcp_flags: u8,
     pub direction: Direction,
     pub protocol: u8,
     pub local: IpAddr,
@@ -33,10 +51,13 @@ pub fn decode(record: &[u8]) -> Option<Event> {
     }
     // The record is the struct's bytes as the kernel wrote them (repr(C), no padding
     // holes): read it field by field from the byte layout.
+    let u32_at = |at: usize| -> Option<u32> {
+        Some(u32::from_ne_bytes(record[at..at + 4].try_into().ok()?))
+    };
     let e = FlowEvent {
         time_ns: u64::from_ne_bytes(record[0..8].try_into().ok()?),
-        ifindex: u32::from_ne_bytes(record[8..12].try_into().ok()?),
-        rule_id: u32::from_ne_bytes(record[12..16].try_into().ok()?),
+        ifindex: u32_at(8)?,
+        detail: u32_at(12)?,
         kind: record[16],
         direction: record[17],
         family: record[18],
@@ -45,12 +66,20 @@ pub fn decode(record: &[u8]) -> Option<Event> {
         remote_port: record[22..24].try_into().ok()?,
         local: record[24..40].try_into().ok()?,
         remote: record[40..56].try_into().ok()?,
+        bytes: u32_at(56)?,
+        tcp_flags: record[60],
+        _pad: [0; 3],
     };
+    let admitted = e.kind == EVENT_ADMITTED;
     Some(Event {
         time_ns: e.time_ns,
         ifindex: e.ifindex,
-        admitted: e.kind == EVENT_ADMITTED,
-        rule_id: e.rule_id,
+        admitted,
+        audited: e.kind == EVENT_AUDITED,
+        rule_id: if admitted { e.detail } else { 0 },
+        reason: if admitted { 0 } else { e.detail },
+        bytes: e.bytes,
+        tcp_flags: e.tcp_flags,
         direction: if e.direction == DIR_INGRESS {
             Direction::Ingress
         } else {
@@ -62,6 +91,141 @@ pub fn decode(record: &[u8]) -> Option<Event> {
         remote: addr_of(e.family, &e.remote),
         remote_port: u16::from_be_bytes(e.remote_port),
     })
+}
+
+/// What an event's numbers mean: interface names and ENIs, rule ids and groups.
+#[derive(Clone, Debug, Default)]
+pub struct Labels {
+    pub interfaces: BTreeMap<u32, InterfaceLabel>,
+    /// Numeric rule id → (stable id, group id).
+    pub rules: BTreeMap<u32, (String, String)>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct InterfaceLabel {
+    pub name: String,
+    pub eni: String,
+    pub owner_id: Option<String>,
+}
+
+impl Labels {
+    pub fn of(
+        plan: &crate::compile::Plan,
+        names: &BTreeMap<u32, String>,
+        state: Option<&crate::model::State>,
+    ) -> Labels {
+        Labels {
+            interfaces: plan
+                .interfaces
+                .iter()
+                .map(|(ifindex, p)| {
+                    let label = InterfaceLabel {
+                        name: names.get(ifindex).cloned().unwrap_or_default(),
+                        eni: p.eni.clone(),
+                        owner_id: state
+                            .and_then(|s| s.interface(&p.eni))
+                            .and_then(|n| n.owner_id.clone()),
+                    };
+                    (*ifindex, label)
+                })
+                .collect(),
+            rules: plan
+                .rules
+                .iter()
+                .map(|(id, r)| (*id, (r.stable_id.clone(), r.key.group.clone())))
+                .collect(),
+        }
+    }
+}
+
+/// An event as `sg-agent monitor --json` prints it.
+pub fn event_json(e: &Event, labels: &Labels) -> serde_json::Value {
+    let iface = labels.interfaces.get(&e.ifindex);
+    let rule = labels.rules.get(&e.rule_id);
+    serde_json::json!({
+        "time_ns": e.time_ns,
+        "verdict": if e.admitted { "admitted" } else if e.audited { "audited" } else { "denied" },
+        "interface": iface.map(|i| i.name.clone()),
+        "network_interface": iface.map(|i| i.eni.clone()),
+        "ifindex": e.ifindex,
+        "direction": e.direction.to_string(),
+        "protocol": crate::model::Protocol::Number(e.protocol).to_string(),
+        "local": e.local.to_string(),
+        "local_port": e.local_port,
+        "remote": e.remote.to_string(),
+        "remote_port": e.remote_port,
+        "bytes": e.bytes,
+        "tcp_flags": e.tcp_flags,
+        "group_id": rule.map(|r| r.1.clone()),
+        "rule_id": rule.map(|r| r.0.clone()),
+        "reason": (!e.admitted).then(|| crate::flowlog::reason_name(e.reason)),
+    })
+}
+
+/// The socket `sg-agent monitor` reads events from.
+pub fn monitor_socket(run_dir: &Path) -> PathBuf {
+    run_dir.join("monitor.sock")
+}
+
+/// Starts the ring's reader: every event goes to the flow log (when there is one) and to
+/// every connected monitor.
+pub fn spawn_reader(
+    pin_dir: &Path,
+    run_dir: &Path,
+    labels: Arc<Mutex<Labels>>,
+    flow_log: Option<Arc<Mutex<crate::flowlog::FlowLog>>>,
+) -> std::io::Result<()> {
+    use aya::maps::{Map, MapData, RingBuf};
+    let name = sg_common::registry::EVENTS.name;
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(std::io::Error::other)?;
+    let map = Map::from_map_data(data).map_err(std::io::Error::other)?;
+    let mut ring = RingBuf::try_from(map).map_err(std::io::Error::other)?;
+    let socket = monitor_socket(run_dir);
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket)?;
+    std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let clients: Arc<Mutex<Vec<UnixStream>>> = Arc::new(Mutex::new(Vec::new()));
+    let accepting = clients.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let _ = conn.set_write_timeout(Some(Duration::from_millis(50)));
+            accepting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(conn);
+        }
+    });
+    std::thread::spawn(move || loop {
+        let mut batch = Vec::new();
+        while let Some(item) = ring.next() {
+            if let Some(e) = decode(&item) {
+                batch.push(e);
+            }
+        }
+        if batch.is_empty() {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        if let Some(f) = &flow_log {
+            let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
+            for e in &batch {
+                f.on_event(e);
+            }
+        }
+        let mut clients = clients.lock().unwrap_or_else(|p| p.into_inner());
+        if clients.is_empty() {
+            continue;
+        }
+        let labels = labels.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut text = String::new();
+        for e in &batch {
+            text += &event_json(e, &labels).to_string();
+            text.push('\n');
+        }
+        // A monitor that went away, or cannot keep up, is dropped.
+        clients.retain_mut(|c| c.write_all(text.as_bytes()).is_ok());
+    });
+    Ok(())
 }
 
 #[cfg(test)]
@@ -78,15 +242,21 @@ mod tests {
         let mut record = Vec::new();
         record.extend_from_slice(&7u64.to_ne_bytes());
         record.extend_from_slice(&3u32.to_ne_bytes());
-        record.extend_from_slice(&0u32.to_ne_bytes());
+        record.extend_from_slice(&sg_common::drop_reason::POLICY.to_ne_bytes());
         record.extend_from_slice(&[EVENT_DENIED, DIR_INGRESS, FAMILY_V4, PROTO_TCP]);
         record.extend_from_slice(&22u16.to_be_bytes());
         record.extend_from_slice(&40000u16.to_be_bytes());
         record.extend_from_slice(&local);
         record.extend_from_slice(&remote);
+        record.extend_from_slice(&74u32.to_ne_bytes());
+        record.extend_from_slice(&[0x02, 0, 0, 0]);
         assert_eq!(record.len(), std::mem::size_of::<FlowEvent>());
         let e = decode(&record).expect("a whole record");
-        assert!(!e.admitted);
+        assert!(!e.admitted && !e.audited);
+        assert_eq!(
+            (e.reason, e.rule_id, e.bytes, e.tcp_flags),
+            (1, 0, 74, 0x02)
+        );
         assert_eq!((e.ifindex, e.local_port, e.remote_port), (3, 22, 40000));
         assert_eq!(e.remote, "198.18.0.9".parse::<IpAddr>().unwrap());
         assert_eq!(e.direction, Direction::Ingress);

@@ -22,6 +22,7 @@ pub mod conntrack;
 pub mod datapath;
 pub mod eval;
 pub mod events;
+pub mod flowlog;
 pub mod model;
 pub mod net;
 pub mod source;

@@ -251,6 +251,11 @@ pub struct NetworkInterface {
     pub groups: Vec<String>,
     /// Conntrack idle timeouts that override the global ones (seconds, by name).
     pub timeouts: BTreeMap<String, u32>,
+    /// Audit mode on this interface (SPEC §7): every packet passes, and what would have
+    /// been denied is logged and counted as such.
+    pub audit: bool,
+    /// The AWS account that owns the interface (`OwnerId`), for flow logs' `account-id`.
+    pub owner_id: Option<String>,
 }
 
 impl NetworkInterface {

@@ -238,6 +238,8 @@ pub fn state(rng: &mut Rng, interfaces: usize) -> State {
                     .collect(),
                 groups,
                 timeouts: BTreeMap::new(),
+                audit: false,
+                owner_id: None,
             }
         })
         .collect();

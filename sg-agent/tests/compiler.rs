@@ -593,6 +593,8 @@ fn one_member_change_in_a_10k_group_touches_only_its_entries() {
             ipv6: vec![],
             groups: vec!["sg-web".into()],
             timeouts: Default::default(),
+            audit: false,
+            owner_id: None,
         });
     let new = compile(&joined, &locals, &Options::default(), Some(&old));
     let ops = diff(&old, &new);

@@ -65,6 +65,10 @@ pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_ICMPV6: u8 = 58;
 
+/// `IfaceConfig::flags`: audit mode (SPEC §7): every packet passes; what would have been
+/// dropped is counted and logged as such.
+pub const IFACE_AUDIT: u32 = 1;
+
 /// Counter slots, per interface and direction (`Counters::index`).
 pub mod counter {
     pub const ALLOWED_NEW: u32 = 0;
@@ -80,13 +84,18 @@ pub mod counter {
     pub const EVENTS_LOST: u32 = 8;
     /// A rule hit whose rule id lies beyond the hit map.
     pub const RULE_HITS_LOST: u32 = 9;
+    /// A packet that would have been dropped, passed because the interface is in audit
+    /// mode (SPEC §7); it is also counted under its drop reason.
+    pub const AUDIT_PASSED: u32 = 10;
+    /// A denied-packet event left out by the kernel's rate limit (flow logs: SKIPDATA).
+    pub const EVENTS_SUPPRESSED: u32 = 11;
     pub const ALLOW_SLOTS: u32 = 16;
     /// Drop reasons occupy `ALLOW_SLOTS + reason`.
     pub const fn drop_slot(reason: u32) -> u32 {
         ALLOW_SLOTS + reason
     }
     pub const PER_DIRECTION: u32 = 32;
-    pub const NAMES: [&str; 10] = [
+    pub const NAMES: [&str; 12] = [
         "allowed_new",
         "allowed_tracked",
         "allowed_untracked",
@@ -97,6 +106,8 @@ pub mod counter {
         "allowed_stateless",
         "events_lost",
         "rule_hits_lost",
+        "audit_passed",
+        "events_suppressed",
     ];
 }
 

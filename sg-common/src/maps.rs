@@ -206,17 +206,22 @@ const _: () = assert!(size_of::<FragEntry>() == 12);
 /// How long a first fragment's verdict is followed (Linux's `ipfrag_time` default).
 pub const REASSEMBLY_TIMEOUT_S: u32 = 30;
 
-/// Per-interface counters, both directions: `v[direction * PER_DIRECTION + slot]`.
+/// Per-interface counters, both directions: packets in `v[direction * PER_DIRECTION +
+/// slot]`, their frame bytes at the same index in `bytes`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Counters {
     pub v: [u64; 2 * crate::counter::PER_DIRECTION as usize],
+    pub bytes: [u64; 2 * crate::counter::PER_DIRECTION as usize],
 }
-const _: () = assert!(size_of::<Counters>() == 512);
+const _: () = assert!(size_of::<Counters>() == 1024);
 
 impl Default for Counters {
     fn default() -> Self {
-        Counters { v: [0; 64] }
+        Counters {
+            v: [0; 64],
+            bytes: [0; 64],
+        }
     }
 }
 
@@ -239,6 +244,8 @@ const _: () = assert!(size_of::<EventRate>() == 16);
 
 pub const EVENT_ADMITTED: u8 = 1;
 pub const EVENT_DENIED: u8 = 2;
+/// Would have been denied; passed by audit mode.
+pub const EVENT_AUDITED: u8 = 3;
 
 /// A flow event in the ring buffer.
 #[repr(C)]
@@ -246,7 +253,9 @@ pub const EVENT_DENIED: u8 = 2;
 pub struct FlowEvent {
     pub time_ns: u64,
     pub ifindex: u32,
-    pub rule_id: u32,
+    /// `EVENT_ADMITTED`: the rule that admitted the flow. `EVENT_DENIED` and
+    /// `EVENT_AUDITED`: the drop reason (`drop_reason::*`).
+    pub detail: u32,
     pub kind: u8,
     pub direction: u8,
     pub family: u8,
@@ -255,8 +264,13 @@ pub struct FlowEvent {
     pub remote_port: [u8; 2],
     pub local: [u8; 16],
     pub remote: [u8; 16],
+    /// Bytes of the frame.
+    pub bytes: u32,
+    /// TCP flags of the packet (0 for other protocols).
+    pub tcp_flags: u8,
+    pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<FlowEvent>() == 56);
+const _: () = assert!(size_of::<FlowEvent>() == 64);
 
 /// Bytes of a status document.
 pub const STATUS_BYTES: usize = 16 * 1024 - 4;

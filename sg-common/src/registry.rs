@@ -203,7 +203,8 @@ pub const GLOBAL: MapSpec = MapSpec {
     holds: "global settings: clock offset (tests), denied-event rate",
 };
 pub const COUNTERS: MapSpec = MapSpec {
-    name: "SG_COUNTERS",
+    // _V2: bytes beside packets.
+    name: "SG_COUNTERS_V2",
     kind: MapKind::PerCpuArray,
     key_size: 4,
     value_size: size_of::<Counters>() as u32,
@@ -211,7 +212,7 @@ pub const COUNTERS: MapSpec = MapSpec {
     no_prealloc: false,
     sizing: Sizing::Interfaces,
     writer: Writer::Datapath,
-    holds: "per-CPU counters by interface counter slot (zeroed by the agent on a new slot)",
+    holds: "per-CPU packet and byte counters by interface counter slot (zeroed by the agent on a new slot)",
 };
 pub const RULE_HITS: MapSpec = MapSpec {
     name: "SG_RULE_HITS",
@@ -237,7 +238,8 @@ pub const FRAGS: MapSpec = MapSpec {
     holds: "allowed first fragments, by interface, direction, addresses and id, for the reassembly timeout",
 };
 pub const EVENTS: MapSpec = MapSpec {
-    name: "SG_EVENTS",
+    // _V2: 64-byte events with bytes, TCP flags and drop reasons.
+    name: "SG_EVENTS_V2",
     kind: MapKind::RingBuf,
     key_size: 0,
     value_size: 0,

@@ -44,11 +44,11 @@ pub fn remember(ifindex: u32, dir: u8, ip: &Ip, now_s: u32) {
 /// A non-first fragment follows its first fragment's verdict for the reassembly timeout;
 /// with none remembered (denied, lost, evicted, expired or forged), it is dropped.
 #[inline(always)]
-pub fn later(counters: u32, ifindex: u32, dir: u8, ip: &Ip, now_s: u32) -> bool {
+pub fn later(counters: u32, ifindex: u32, dir: u8, ip: &Ip, now_s: u32, bytes: u32) -> bool {
     // SAFETY: read-only lookup.
     match unsafe { SG_FRAGS_V2.get(&frag_key(ifindex, dir, ip)) } {
         Some(e) if e.allowed != 0 && now_s.wrapping_sub(e.seen_s) <= REASSEMBLY_TIMEOUT_S => {
-            count(counters, dir, counter::ALLOWED_FRAGMENT);
+            count(counters, dir, counter::ALLOWED_FRAGMENT, bytes);
             true
         }
         _ => {
@@ -56,6 +56,7 @@ pub fn later(counters: u32, ifindex: u32, dir: u8, ip: &Ip, now_s: u32) -> bool 
                 counters,
                 dir,
                 counter::drop_slot(drop_reason::FRAGMENT_ORPHAN),
+                bytes,
             );
             false
         }

@@ -64,7 +64,7 @@ pub static SG_GLOBAL: Array<GlobalConfig> =
 
 /// See `registry::COUNTERS.holds`.
 #[map]
-pub static SG_COUNTERS: PerCpuArray<Counters> =
+pub static SG_COUNTERS_V2: PerCpuArray<Counters> =
     PerCpuArray::with_max_entries(spec::COUNTERS.max_entries, flags(spec::COUNTERS));
 
 /// See `registry::RULE_HITS.holds`.
@@ -79,7 +79,7 @@ pub static SG_FRAGS_V2: LruHashMap<FragKey, FragEntry> =
 
 /// See `registry::EVENTS.holds`.
 #[map]
-pub static SG_EVENTS: RingBuf = RingBuf::with_byte_size(spec::EVENTS.max_entries, 0);
+pub static SG_EVENTS_V2: RingBuf = RingBuf::with_byte_size(spec::EVENTS.max_entries, 0);
 
 /// See `registry::EVENT_RATE.holds`.
 #[map]

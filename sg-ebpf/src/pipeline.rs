@@ -64,7 +64,9 @@ fn now_ns() -> (u64, u32) {
     }
 }
 
-/// The verdict for one packet: `Ok` passes it.
+/// The verdict for one packet: `Ok` passes it. On an interface in audit mode every
+/// packet passes; what would have been dropped is counted under its reason and as
+/// `AUDIT_PASSED` (SPEC §7).
 #[inline(always)]
 pub fn process(f: &impl Frame, dir: u8) -> Result<(), Drop> {
     let ifindex = f.ifindex();
@@ -73,6 +75,18 @@ pub fn process(f: &impl Frame, dir: u8) -> Result<(), Drop> {
         // Not an enforced interface (the agent detaches before forgetting one).
         return Ok(());
     };
+    let bytes = f.wire_len();
+    match judge(f, cfg, ifindex, dir, bytes) {
+        Err(_) if cfg.flags & IFACE_AUDIT != 0 => {
+            count(cfg.counter_slot, dir, counter::AUDIT_PASSED, bytes);
+            Ok(())
+        }
+        verdict => verdict,
+    }
+}
+
+#[inline(always)]
+fn judge(f: &impl Frame, cfg: &IfaceConfig, ifindex: u32, dir: u8, bytes: u32) -> Result<(), Drop> {
     let ip = match parse::parse(f) {
         Ok(Parsed::Ip(ip)) => ip,
         Ok(Parsed::NotIp { arp }) => {
@@ -84,23 +98,31 @@ pub fn process(f: &impl Frame, dir: u8) -> Result<(), Drop> {
                 } else {
                     counter::NOT_IP
                 },
+                bytes,
             );
             return Ok(());
         }
         Err(reason) => {
-            count(cfg.counter_slot, dir, counter::drop_slot(reason));
+            count(cfg.counter_slot, dir, counter::drop_slot(reason), bytes);
             return Err(Drop::Malformed);
         }
     };
     if ip.frag == FRAG_LATER {
         let now_s = (now_ns().0 / 1_000_000_000) as u32;
-        return passes(fragment::later(cfg.counter_slot, ifindex, dir, &ip, now_s));
+        return passes(fragment::later(
+            cfg.counter_slot,
+            ifindex,
+            dir,
+            &ip,
+            now_s,
+            bytes,
+        ));
     }
     if parse::is_infrastructure(&ip) {
-        count(cfg.counter_slot, dir, counter::INFRASTRUCTURE);
+        count(cfg.counter_slot, dir, counter::INFRASTRUCTURE, bytes);
         return Ok(());
     }
-    let pass = decide(f, cfg, ifindex, dir, &ip);
+    let pass = decide(f, cfg, ifindex, dir, &ip, bytes);
     if ip.frag == FRAG_FIRST && pass {
         let now_s = (now_ns().0 / 1_000_000_000) as u32;
         fragment::remember(ifindex, dir, &ip, now_s);
@@ -108,16 +130,53 @@ pub fn process(f: &impl Frame, dir: u8) -> Result<(), Drop> {
     passes(pass)
 }
 
+/// Counts a denial under `reason` and reports it as a flow event (rate-limited).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn decide(f: &impl Frame, cfg: &IfaceConfig, ifindex: u32, dir: u8, ip: &Ip) -> bool {
+fn deny(
+    cfg: &IfaceConfig,
+    ifindex: u32,
+    dir: u8,
+    ip: &Ip,
+    reason: u32,
+    now: u64,
+    deny_rate: u32,
+    bytes: u32,
+) -> bool {
+    count(cfg.counter_slot, dir, counter::drop_slot(reason), bytes);
+    let kind = if cfg.flags & IFACE_AUDIT != 0 {
+        EVENT_AUDITED
+    } else {
+        EVENT_DENIED
+    };
+    event(
+        cfg.counter_slot,
+        kind,
+        ifindex,
+        dir,
+        ip,
+        reason,
+        now,
+        deny_rate,
+        bytes,
+    );
+    false
+}
+
+#[inline(always)]
+fn decide(f: &impl Frame, cfg: &IfaceConfig, ifindex: u32, dir: u8, ip: &Ip, bytes: u32) -> bool {
     let (now, deny_rate) = now_ns();
     if ip.protocol == PROTO_TCP && !ct::tcp_flags_valid(ip.l4.tcp_flags) {
-        count(
-            cfg.counter_slot,
+        return deny(
+            cfg,
+            ifindex,
             dir,
-            counter::drop_slot(drop_reason::INVALID_TCP_FLAGS),
+            ip,
+            drop_reason::INVALID_TCP_FLAGS,
+            now,
+            deny_rate,
+            bytes,
         );
-        return false;
     }
     let icmp_error = parse::is_icmp_error(ip.family, ip.protocol, ip.l4.icmp_type);
     if icmp_error {
@@ -128,7 +187,7 @@ fn decide(f: &impl Frame, cfg: &IfaceConfig, ifindex: u32, dir: u8, ip: &Ip) -> 
             if ip.dst == inner.src
                 && conntrack::exists(&conntrack::key_of(ifindex, opposite(dir), &inner), cfg, now)
             {
-                count(cfg.counter_slot, dir, counter::ALLOWED_RELATED);
+                count(cfg.counter_slot, dir, counter::ALLOWED_RELATED, bytes);
                 return true;
             }
         }
@@ -146,36 +205,34 @@ fn decide(f: &impl Frame, cfg: &IfaceConfig, ifindex: u32, dir: u8, ip: &Ip) -> 
     };
     match tracked {
         Track::Hit => {
-            count(cfg.counter_slot, dir, counter::ALLOWED_TRACKED);
+            count(cfg.counter_slot, dir, counter::ALLOWED_TRACKED, bytes);
             return true;
         }
         Track::Full => {
-            count(
-                cfg.counter_slot,
+            return deny(
+                cfg,
+                ifindex,
                 dir,
-                counter::drop_slot(drop_reason::CONNTRACK_FULL),
+                ip,
+                drop_reason::CONNTRACK_FULL,
+                now,
+                deny_rate,
+                bytes,
             );
-            return false;
         }
         Track::Miss => {}
     }
     let Some(grant) = policy::lookup(ifindex, dir, ip) else {
-        count(
-            cfg.counter_slot,
-            dir,
-            counter::drop_slot(drop_reason::POLICY),
-        );
-        event(
-            cfg.counter_slot,
-            EVENT_DENIED,
+        return deny(
+            cfg,
             ifindex,
             dir,
             ip,
-            0,
+            drop_reason::POLICY,
             now,
             deny_rate,
+            bytes,
         );
-        return false;
     };
     let untracked = match ip.protocol {
         PROTO_TCP => grant.flags & GRANT_UNTRACKED_TCP != 0,
@@ -184,7 +241,7 @@ fn decide(f: &impl Frame, cfg: &IfaceConfig, ifindex: u32, dir: u8, ip: &Ip) -> 
     };
     rule_hit(cfg.counter_slot, dir, grant.rule_id);
     if untracked {
-        count(cfg.counter_slot, dir, counter::ALLOWED_UNTRACKED);
+        count(cfg.counter_slot, dir, counter::ALLOWED_UNTRACKED, bytes);
         return true;
     }
     // Only a SYN opens a TCP flow and only a request an ICMP one; other packets are judged
@@ -197,11 +254,11 @@ fn decide(f: &impl Frame, cfg: &IfaceConfig, ifindex: u32, dir: u8, ip: &Ip) -> 
         _ => true,
     };
     if !opens {
-        count(cfg.counter_slot, dir, counter::ALLOWED_STATELESS);
+        count(cfg.counter_slot, dir, counter::ALLOWED_STATELESS, bytes);
         return true;
     }
     conntrack::open(&key, ip, dir, grant.rule_id, len, now);
-    count(cfg.counter_slot, dir, counter::ALLOWED_NEW);
+    count(cfg.counter_slot, dir, counter::ALLOWED_NEW, bytes);
     event(
         cfg.counter_slot,
         EVENT_ADMITTED,
@@ -211,6 +268,7 @@ fn decide(f: &impl Frame, cfg: &IfaceConfig, ifindex: u32, dir: u8, ip: &Ip) -> 
         grant.rule_id,
         now,
         deny_rate,
+        bytes,
     );
     true
 }

@@ -638,6 +638,8 @@ fn membership_change_admits_new_connections_and_keeps_established_ones() {
             ipv6: vec![],
             groups: vec!["sg-web".into()],
             timeouts: Default::default(),
+            audit: false,
+            owner_id: None,
         });
     bpf.program(&s, &locals, &Options::default());
     assert!(

@@ -70,12 +70,77 @@ fn rule_hits_and_flow_events() {
             &tcp("198.18.11.5", ME4, 1000 + i, 22, TH_SYN).build()
         ));
     }
-    let denied = drain_events(&mut bpf)
+    let frame_len = tcp("198.18.11.5", ME4, 1000, 22, TH_SYN).build().len() as u32;
+    let denied: Vec<_> = drain_events(&mut bpf)
         .into_iter()
         .filter(|e| !e.admitted)
-        .count();
+        .collect();
     assert!(
-        (1..=200).contains(&denied),
-        "denied events are rate-limited: {denied} of 300"
+        (1..=200).contains(&denied.len()),
+        "denied events are rate-limited: {} of 300",
+        denied.len()
     );
+    let d = &denied[0];
+    assert_eq!(
+        (d.reason, d.bytes, d.tcp_flags, d.audited, d.rule_id),
+        (sg_common::drop_reason::POLICY, frame_len, TH_SYN, false, 0),
+        "{d:?}"
+    );
+    // Those the rate limit left out are counted, with their bytes (flow logs: SKIPDATA).
+    let c = bpf.dp.tables().counters(LO).expect("counters");
+    let at = sg_common::Counters::index(
+        sg_common::DIR_INGRESS,
+        sg_common::counter::EVENTS_SUPPRESSED,
+    );
+    assert_eq!(c.v[at], 300 - denied.len() as u64);
+    assert_eq!(c.bytes[at], c.v[at] * frame_len as u64);
+    let dropped = sg_common::Counters::index(
+        sg_common::DIR_INGRESS,
+        sg_common::counter::drop_slot(sg_common::drop_reason::POLICY),
+    );
+    assert_eq!(
+        (c.v[dropped], c.bytes[dropped]),
+        (300, 300 * frame_len as u64)
+    );
+}
+
+#[test]
+fn audit_mode_passes_what_it_would_deny_and_says_so() {
+    if !require_root("audit_mode_passes_what_it_would_deny_and_says_so") {
+        return;
+    }
+    let mut bpf = main_bpf();
+    let _ = drain_events(&mut bpf);
+    let denied = tcp("198.18.11.5", ME4, 1000, 22, TH_SYN).build();
+    for hook in [Hook::Xdp, Hook::TcIngress] {
+        assert!(!bpf.run(hook, &denied), "{hook:?}: denied without audit");
+    }
+    let state = sg_tests::fixtures::state(sg_tests::fixtures::STATE);
+    let locals = [sg_agent::compile::LocalInterface {
+        ifindex: LO,
+        eni: "eni-main".into(),
+    }];
+    bpf.program(
+        &state,
+        &locals,
+        &sg_agent::compile::Options {
+            audit: true,
+            ..Default::default()
+        },
+    );
+    let _ = drain_events(&mut bpf);
+    for hook in [Hook::Xdp, Hook::TcIngress] {
+        assert!(bpf.run(hook, &denied), "{hook:?}: audit passes it");
+    }
+    let events = drain_events(&mut bpf);
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(events
+        .iter()
+        .all(|e| e.audited && !e.admitted && e.reason == sg_common::drop_reason::POLICY));
+    let c = bpf.dp.tables().counters(LO).expect("counters");
+    let at = |slot| sg_common::Counters::index(sg_common::DIR_INGRESS, slot);
+    assert_eq!(c.v[at(sg_common::counter::AUDIT_PASSED)], 2);
+    // Audit off again: dropped.
+    bpf.program(&state, &locals, &sg_agent::compile::Options::default());
+    assert!(!bpf.run(Hook::Xdp, &denied));
 }

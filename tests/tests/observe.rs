@@ -105,13 +105,8 @@ fn policy_explain_and_diff_read_what_the_kernel_enforces() {
     assert!(allowed["tracked_flow"].is_null(), "{allowed}");
     let denied = explain_live(&t.db, "198.18.200.1", "3306");
     assert_eq!(denied["verdict"], "DENY", "{denied}");
-    let _conn = tcp::connect(
-        &t.web1.ns,
-        "198.18.2.21:3306",
-        None,
-        Duration::from_secs(2),
-    )
-    .expect("web1 connects to the database");
+    let _conn = tcp::connect(&t.web1.ns, "198.18.2.21:3306", None, Duration::from_secs(2))
+        .expect("web1 connects to the database");
     let tracked = explain_live(&t.db, "198.18.1.11", "3306");
     assert_eq!(
         tracked["tracked_flow"]["rule_id"].as_str(),
@@ -122,8 +117,18 @@ fn policy_explain_and_diff_read_what_the_kernel_enforces() {
         &run(
             &t.db,
             &[
-                "explain", "--live", "--eni", DB_ENI, "--direction", "ingress", "--protocol",
-                "tcp", "--remote", "198.18.1.11", "--port", "3306",
+                "explain",
+                "--live",
+                "--eni",
+                DB_ENI,
+                "--direction",
+                "ingress",
+                "--protocol",
+                "tcp",
+                "--remote",
+                "198.18.1.11",
+                "--port",
+                "3306",
             ],
         )
         .stdout,
@@ -184,7 +189,9 @@ fn policy_explain_and_diff_read_what_the_kernel_enforces() {
     assert!(d["map_operations"].as_u64().unwrap() > 0, "{d}");
     // The open connection is tracked: it outlives the rule (no --revalidate).
     assert_eq!(
-        d["flows_kept_no_longer_allowed"].as_array().map(|a| a.len()),
+        d["flows_kept_no_longer_allowed"]
+            .as_array()
+            .map(|a| a.len()),
         Some(1),
         "{d}"
     );

@@ -73,6 +73,9 @@ pub struct RunOptions {
     pub hook: IngressHook,
     pub default_deny: bool,
     pub revalidate: bool,
+    /// Audit mode on every interface (SPEC §7).
+    pub audit: bool,
+    pub flow_log: Option<crate::flowlog::Options>,
     pub api: Option<SocketAddr>,
     pub sizes: MapSizes,
     /// Period of hot-plug detection and the polling fallback.
@@ -116,6 +119,11 @@ pub struct Agent {
     /// Times something removed programs, links or pins, and when it last happened.
     enforcement_lost: u64,
     last_lost: Option<std::time::SystemTime>,
+    /// What flow events' numbers mean, shared with the event reader.
+    labels: Arc<Mutex<crate::events::Labels>>,
+    flow_log: Option<Arc<Mutex<crate::flowlog::FlowLog>>>,
+    /// Counts for the metrics (SPEC §7).
+    stats: status::AgentStats,
 }
 
 impl Agent {
@@ -147,7 +155,17 @@ impl Agent {
         }
         let now = Instant::now();
         let known = persist::load_known(&opts.run_dir);
+        let flow_log = match &opts.flow_log {
+            Some(f) => Some(Arc::new(Mutex::new(
+                crate::flowlog::FlowLog::open(f.clone())
+                    .map_err(io(format!("opening flow log {}", f.path.display())))?,
+            ))),
+            None => None,
+        };
         let mut agent = Agent {
+            labels: Arc::new(Mutex::new(crate::events::Labels::default())),
+            flow_log,
+            stats: status::AgentStats::default(),
             _lock: lock,
             known,
             orphans: BTreeMap::new(),
@@ -171,6 +189,13 @@ impl Agent {
         };
         agent.seen = seen;
         agent.apply(state, reconcile::Content::Document(doc))?;
+        crate::events::spawn_reader(
+            &agent.opts.pin_dir,
+            &agent.opts.run_dir,
+            agent.labels.clone(),
+            agent.flow_log.clone(),
+        )
+        .map_err(io("reading the flow event ring"))?;
         Ok(agent)
     }
 
@@ -184,14 +209,22 @@ impl Agent {
                 .map_err(io(format!("serving the API on {addr}")))?;
         }
         loop {
-            let deadline = self.next_tick.min(self.next_gc);
+            let mut deadline = self.next_tick.min(self.next_gc);
+            if let Some(f) = &self.flow_log {
+                deadline = deadline.min(f.lock().unwrap_or_else(|p| p.into_inner()).next_flush);
+            }
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(Event::Stop) => {
+                    // Every open interval is flushed (SPEC §7).
+                    self.flush_flow_log();
                     log::info!("stopping; programs stay attached and maps pinned");
                     return Ok(());
                 }
                 Ok(Event::Reload) => {
                     log::info!("SIGHUP: re-reading {}", self.opts.state.display());
+                    if let Some(f) = &self.flow_log {
+                        f.lock().unwrap_or_else(|p| p.into_inner()).reopen();
+                    }
                     self.reload(true);
                 }
                 Ok(Event::StateChanged) => self.reload(false),
@@ -215,14 +248,60 @@ impl Agent {
         if now >= self.next_gc {
             self.next_gc = now + self.opts.gc_interval;
             match crate::conntrack::gc(&mut self.dp, &self.plan) {
-                Ok(0) => {}
-                Ok(n) => log::debug!("conntrack GC removed {n} expired flows"),
+                Ok(gone) if gone.is_empty() => {}
+                Ok(gone) => {
+                    log::debug!("conntrack GC removed {} expired flows", gone.len());
+                    if let Some(f) = &self.flow_log {
+                        f.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .absorb_gone(&gone);
+                    }
+                }
                 Err(e) => log::warn!("conntrack GC: {e}"),
             }
         }
+        let due = self
+            .flow_log
+            .as_ref()
+            .is_some_and(|f| f.lock().unwrap_or_else(|p| p.into_inner()).next_flush <= now);
+        if due {
+            self.flush_flow_log();
+        }
+    }
+
+    /// Writes the flow log records of the interval that ends now.
+    fn flush_flow_log(&mut self) {
+        let Some(f) = self.flow_log.clone() else {
+            return;
+        };
+        let tables = self.dp.tables();
+        let flows = match tables.flows() {
+            Ok(f) => f,
+            Err(e) => {
+                log::warn!("flow log: reading conntrack: {e}");
+                Vec::new()
+            }
+        };
+        let counters: BTreeMap<u32, sg_common::Counters> = tables
+            .interfaces()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(i, (_, c))| (i, c))
+            .collect();
+        let offset = self.dp.global().map(|g| g.clock_offset_ns).unwrap_or(0);
+        let labels = self
+            .labels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
+        f.flush(&flows, &counters, &labels, offset);
+        self.stats.flow_log_records = f.written;
+        self.stats.flow_log_skipped_packets = f.skipped_packets;
     }
 
     fn fail(&mut self, error: String) {
+        self.stats.apply_failures += 1;
         if self.last_error.as_deref() != Some(error.as_str()) {
             log::error!("keeping the last valid state: {error}");
         }
@@ -257,6 +336,8 @@ impl Agent {
             orphans: &orphans,
             enforcement_lost: self.enforcement_lost,
             last_lost: self.last_lost,
+            audit: self.opts.audit,
+            stats: &self.stats,
         });
         if let Err(e) = self.dp.write_status(&doc) {
             log::warn!("writing status: {e}");

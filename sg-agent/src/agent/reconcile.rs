@@ -154,6 +154,9 @@ impl Agent {
             return Ok(());
         }
         let programmed = started.elapsed();
+        self.stats.applies += 1;
+        self.stats.map_operations += membership.ops.len() as u64;
+        self.stats.applied_unix = crate::status::unix_now();
         loaded.sha256 = source::sha256_hex(doc.text());
         log::info!(
             "applied state {} in {programmed:.1?} (membership of {} network interfaces): {} map operations, {} enforced interfaces",
@@ -220,6 +223,7 @@ impl Agent {
             .collect();
         let options = Options {
             default_deny: self.opts.default_deny,
+            audit: self.opts.audit,
         };
         let compiled = Instant::now();
         let new = compile(effective, &locals, &options, Some(&self.plan));
@@ -234,7 +238,10 @@ impl Agent {
                 log::info!(
                     "{} ({}, ifindex {ifindex}): no longer enforced; detached",
                     self.names.get(&ifindex).map_or("?", |n| n.as_str()),
-                    self.plan.interfaces.get(&ifindex).map_or("?", |p| p.eni.as_str()),
+                    self.plan
+                        .interfaces
+                        .get(&ifindex)
+                        .map_or("?", |p| p.eni.as_str()),
                 );
             }
         }
@@ -300,6 +307,11 @@ impl Agent {
             Content::Sha(sha) => sha,
         };
         self.index = PlanIndex::new(&self.plan);
+        self.stats.applies += 1;
+        self.stats.map_operations += ops.len() as u64;
+        self.stats.applied_unix = crate::status::unix_now();
+        *self.labels.lock().unwrap_or_else(|p| p.into_inner()) =
+            crate::events::Labels::of(&self.plan, &self.names, Some(&state));
         log::info!(
             "applied state {} in {programmed:.1?} (compile {compile_time:.1?}): {} map operations, {} enforced interfaces{}",
             &sha256[..12],
@@ -417,7 +429,10 @@ impl Agent {
         }
         if let Some(loaded) = self.state.clone() {
             match self.apply(loaded.state, Content::Sha(loaded.sha256)) {
-                Ok(()) => log::info!("enforcement restored"),
+                Ok(()) => {
+                    self.stats.enforcement_restored += 1;
+                    log::info!("enforcement restored");
+                }
                 Err(e) => self.fail(format!("restoring enforcement: {e}")),
             }
         }

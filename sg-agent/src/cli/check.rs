@@ -268,7 +268,11 @@ pub(super) fn explain(a: &ExplainArgs) -> ExitCode {
             f["protocol"].as_str().unwrap_or(""),
             f["local"].as_str().unwrap_or(""),
             f["local_port"],
-            if direction == Direction::Ingress { "<-" } else { "->" },
+            if direction == Direction::Ingress {
+                "<-"
+            } else {
+                "->"
+            },
             f["remote"].as_str().unwrap_or(""),
             f["remote_port"],
             f["origin"].as_str().unwrap_or(""),
@@ -355,9 +359,19 @@ fn from_maps(pin_dir: &std::path::Path, eni: &str, packet: &Packet) -> Result<Ex
         .as_array()
         .and_then(|a| a.iter().find(|i| i["ifindex"] == ifindex))
         .and_then(|i| i["groups"].as_array())
-        .map(|g| g.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+        .map(|g| {
+            g.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
-    let mut x = match plan.lookup(ifindex, packet.direction, packet.remote, packet.protocol, packet.port) {
+    let mut x = match plan.lookup(
+        ifindex,
+        packet.direction,
+        packet.remote,
+        packet.protocol,
+        packet.port,
+    ) {
         PlanVerdict::NotEnforced => Explanation {
             allow: true,
             not_enforced: true,
@@ -376,18 +390,23 @@ fn from_maps(pin_dir: &std::path::Path, eni: &str, packet: &Packet) -> Result<Ex
             };
             // The programmed prefix that matched: the longest one holding the remote.
             let bits = crate::net::Family::of(&packet.remote).bits();
-            let prefix = (0..=bits).rev().map(|len| crate::net::Cidr::truncate(packet.remote, len)).find(|c| {
-                plan.prefixes.contains_key(&crate::compile::PrefixKey {
-                    ifindex,
-                    direction: packet.direction,
-                    cidr: *c,
-                })
-            });
+            let prefix = (0..=bits)
+                .rev()
+                .map(|len| crate::net::Cidr::truncate(packet.remote, len))
+                .find(|c| {
+                    plan.prefixes.contains_key(&crate::compile::PrefixKey {
+                        ifindex,
+                        direction: packet.direction,
+                        cidr: *c,
+                    })
+                });
             Explanation {
                 allow: true,
                 group_id: info.map(|i| i.key.group.clone()),
                 group_name: info.map(|i| i.group_name.clone()),
-                rule_id: Some(info.map_or_else(|| format!("#{}", grant.rule_id), |i| i.stable_id.clone())),
+                rule_id: Some(
+                    info.map_or_else(|| format!("#{}", grant.rule_id), |i| i.stable_id.clone()),
+                ),
                 rule: info.map(|i| {
                     format!(
                         "{} {} {peer_word} {}",

@@ -48,7 +48,10 @@ pub(super) fn diff(new_path: &Path, pin_dir: &Path, json: bool) -> ExitCode {
         Ok(l) => l,
         Err(e) => {
             eprintln!("{e}");
-            eprintln!("sg-agent diff: {} is not valid; nothing would be applied", new_path.display());
+            eprintln!(
+                "sg-agent diff: {} is not valid; nothing would be applied",
+                new_path.display()
+            );
             return ExitCode::FAILURE;
         }
     };
@@ -98,6 +101,7 @@ pub(super) fn diff(new_path: &Path, pin_dir: &Path, json: bool) -> ExitCode {
     }
     let options = Options {
         default_deny: doc["default_deny"].as_bool().unwrap_or(false),
+        audit: doc["audit"].as_bool().unwrap_or(false),
     };
     let mut new_plan = compile::compile(&new.state, &locals, &options, Some(&old_plan));
     // Orphans keep their programmed policy.
@@ -187,16 +191,19 @@ pub(super) fn diff(new_path: &Path, pin_dir: &Path, json: bool) -> ExitCode {
         list("+ rule", summary.rules_added.iter().map(rule).collect());
         list("- rule", summary.rules_removed.iter().map(rule).collect());
         let member = |(g, n): &(String, String)| format!("{n} in {g}");
-        list("+ member", summary.members_added.iter().map(member).collect());
-        list("- member", summary.members_removed.iter().map(member).collect());
+        list(
+            "+ member",
+            summary.members_added.iter().map(member).collect(),
+        );
+        list(
+            "- member",
+            summary.members_removed.iter().map(member).collect(),
+        );
         list("+ interface", summary.interfaces_added.clone());
         list("- interface", summary.interfaces_removed.clone());
         list("~ interface", summary.interfaces_changed.clone());
         list("~ prefix list", summary.prefix_lists_changed.clone());
-        list(
-            "! orphaned (keeps its last policy)",
-            orphaned.clone(),
-        );
+        list("! orphaned (keeps its last policy)", orphaned.clone());
         println!("{} map operations on this host", ops.len());
         let flow = |f: &serde_json::Value| {
             format!(
@@ -210,7 +217,10 @@ pub(super) fn diff(new_path: &Path, pin_dir: &Path, json: bool) -> ExitCode {
             )
         };
         if revalidate {
-            println!("{} tracked flows would be cut (--revalidate)", no_longer_allowed.len());
+            println!(
+                "{} tracked flows would be cut (--revalidate)",
+                no_longer_allowed.len()
+            );
             list("x flow", no_longer_allowed.iter().map(flow).collect());
         } else {
             println!(

@@ -1,6 +1,7 @@
 //! The command line of SPEC §5. Machine output goes to stdout, logs and errors to stderr;
 //! bad usage exits 64 before anything on the system is touched. One file per command
-//! group: `run`, `check` (validate, explain), `inspect` (status, flows), `detach`.
+//! group: `run`, `check` (validate, explain), `inspect` (status, flows), `observe`
+//! (policy, monitor), `diff`, `detach`.
 
 #![forbid(unsafe_code)]
 
@@ -94,6 +95,21 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A live stream of flow events (admitted flows, denied packets) with the deciding
+    /// group and rule or the drop reason, until interrupted. Needs the running agent.
+    Monitor {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Only this interface.
+        #[arg(long, value_name = "IFACE")]
+        interface: Option<String>,
+        /// Only denied (and audited) packets.
+        #[arg(long)]
+        drops: bool,
+        /// One JSON object per event.
+        #[arg(long)]
+        json: bool,
+    },
     /// What applying a new state would change, and which live flows it would cut; exit 0
     /// when nothing would change, 2 when something would.
     Diff {
@@ -153,6 +169,12 @@ pub fn main(cli: Cli) -> ExitCode {
             interface,
             json,
         } => observe::policy(&pin_dir, interface.as_deref(), json),
+        Command::Monitor {
+            pin_dir,
+            interface,
+            drops,
+            json,
+        } => observe::monitor(&pin_dir, interface.as_deref(), drops, json),
         Command::Diff {
             state,
             pin_dir,

@@ -170,7 +170,10 @@ pub(super) fn policy(pin_dir: &Path, interface: Option<&str>, json: bool) -> Exi
             i["ifindex"]
         );
         for direction in Direction::BOTH {
-            let rules = i[direction.to_string()].as_array().cloned().unwrap_or_default();
+            let rules = i[direction.to_string()]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
             println!("  {direction}: {} rules", rules.len());
             let peer_word = if direction == Direction::Ingress {
                 "from"
@@ -206,5 +209,91 @@ pub(super) fn policy(pin_dir: &Path, interface: Option<&str>, json: bool) -> Exi
             }
         }
     }
+    ExitCode::SUCCESS
+}
+
+/// `sg-agent monitor`: the running agent's stream of flow events, filtered.
+pub(super) fn monitor(
+    pin_dir: &Path,
+    interface: Option<&str>,
+    drops: bool,
+    json: bool,
+) -> ExitCode {
+    use std::io::{BufRead, BufReader};
+    let socket = crate::events::monitor_socket(&agent::run_dir_of(pin_dir));
+    let stream = match std::os::unix::net::UnixStream::connect(&socket) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "sg-agent monitor: {}: {e}; monitor needs the running agent of {} (it is the one reader of the kernel's event ring)",
+                socket.display(),
+                pin_dir.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!(
+        "sg-agent monitor: listening on {} (Ctrl-C to stop)",
+        socket.display()
+    );
+    let out = std::io::stdout();
+    for line in BufReader::new(stream).lines() {
+        let Ok(line) = line else { break };
+        let Ok(e) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if drops && e["verdict"] == "admitted" {
+            continue;
+        }
+        if interface.is_some_and(|i| e["interface"].as_str() != Some(i)) {
+            continue;
+        }
+        let text = if json {
+            line
+        } else {
+            let endpoint = |a: &serde_json::Value, p: &serde_json::Value| {
+                let a = a.as_str().unwrap_or("");
+                if a.contains(':') {
+                    format!("[{a}]:{p}")
+                } else {
+                    format!("{a}:{p}")
+                }
+            };
+            let (from, to) = if e["direction"] == "ingress" {
+                (
+                    endpoint(&e["remote"], &e["remote_port"]),
+                    endpoint(&e["local"], &e["local_port"]),
+                )
+            } else {
+                (
+                    endpoint(&e["local"], &e["local_port"]),
+                    endpoint(&e["remote"], &e["remote_port"]),
+                )
+            };
+            let why = if e["verdict"] == "admitted" {
+                format!(
+                    "by {} {}",
+                    e["group_id"].as_str().unwrap_or("-"),
+                    e["rule_id"].as_str().unwrap_or("-")
+                )
+            } else {
+                format!("reason {}", e["reason"].as_str().unwrap_or("-"))
+            };
+            format!(
+                "{:<8} {} ({}) {} {} {from} -> {to} {why}",
+                e["verdict"].as_str().unwrap_or(""),
+                e["interface"].as_str().unwrap_or("-"),
+                e["network_interface"].as_str().unwrap_or("-"),
+                e["direction"].as_str().unwrap_or(""),
+                e["protocol"].as_str().unwrap_or(""),
+            )
+        };
+        use std::io::Write;
+        let mut out = out.lock();
+        if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
+            return ExitCode::SUCCESS; // The reader went away (`| head`).
+        }
+    }
+    eprintln!("sg-agent monitor: the agent closed the stream (it stopped)");
     ExitCode::SUCCESS
 }

@@ -45,6 +45,21 @@ pub struct RunArgs {
     /// Strict mode: drop tracked connections that a new policy no longer allows.
     #[arg(long)]
     pub revalidate: bool,
+    /// Audit mode on every interface: every packet passes; what would have been denied
+    /// is counted and logged (flow logs: REJECT, sg-reason audit). Per interface:
+    /// `audit = true` (native) or the tag sg:audit=true (AWS JSON).
+    #[arg(long)]
+    pub audit: bool,
+    /// Write AWS VPC Flow Logs records to this file (`-` for stdout); reopened on SIGHUP.
+    #[arg(long, value_name = "PATH|-")]
+    pub flow_log: Option<PathBuf>,
+    /// Flow log record format in AWS's `${field}` syntax (default: AWS's version 2
+    /// default format), with sg's own fields sg-group-id, sg-rule-id and sg-reason.
+    #[arg(long, value_name = "FMT", value_parser = crate::flowlog::Format::parse)]
+    pub flow_log_format: Option<crate::flowlog::Format>,
+    /// Flow log aggregation interval in seconds (AWS offers 60 or 600).
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub flow_log_interval: u64,
     /// Serve GET /status and /metrics over HTTP on this address (off unless given).
     #[arg(long, value_name = "ADDR")]
     pub api: Option<std::net::SocketAddr>,
@@ -88,6 +103,12 @@ pub(super) fn run(a: RunArgs) -> ExitCode {
         },
         default_deny: a.default_deny,
         revalidate: a.revalidate,
+        audit: a.audit,
+        flow_log: a.flow_log.map(|path| crate::flowlog::Options {
+            path,
+            format: a.flow_log_format.unwrap_or_default(),
+            interval: Duration::from_secs(a.flow_log_interval),
+        }),
         api: a.api,
         sizes: MapSizes {
             conntrack: a.conntrack_size,

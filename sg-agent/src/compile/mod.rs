@@ -64,6 +64,8 @@ pub struct LocalInterface {
 pub struct Options {
     /// Enforce interfaces with no groups (drop everything but infrastructure).
     pub default_deny: bool,
+    /// Audit mode on every interface (`run --audit`, SPEC §7).
+    pub audit: bool,
 }
 
 /// Compiles the state for the given local interfaces. `previous` keeps ids stable.
@@ -135,7 +137,11 @@ pub fn compile(
             InterfacePlan {
                 eni: eni.id.clone(),
                 config: IfaceConfig {
-                    flags: 0,
+                    flags: if options.audit || eni.audit {
+                        sg_common::IFACE_AUDIT
+                    } else {
+                        0
+                    },
                     timeouts: state.timeouts_for(eni),
                     counter_slot: 0,
                 },

@@ -26,8 +26,8 @@ mod plan;
 mod tables;
 
 pub use pins::{
-    detach, link_name, links_dir, pinned_link_ifindexes, registry_table, unpin_interface,
-    unpin_link, Detached,
+    detach, link_name, links_dir, pinned_link_ifindexes, pinned_max_entries, registry_table,
+    unpin_interface, unpin_link, Detached,
 };
 pub use tables::{addr_of, direction_of, FlowRow, Tables};
 

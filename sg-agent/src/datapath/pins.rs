@@ -112,6 +112,13 @@ fn pinned_info(
         .map_err(map_err(spec.name))
 }
 
+/// The capacity of a pinned map, in entries.
+pub fn pinned_max_entries(pin_dir: &Path, spec: &'static registry::MapSpec) -> Result<u32> {
+    pinned_info(pin_dir, spec)?
+        .map(|i| i.max_entries())
+        .ok_or(DatapathError::MissingMap(spec.name))
+}
+
 /// Refuses to adopt pinned maps whose layout differs from the registry's.
 pub(super) fn check_layouts(pin_dir: &Path) -> Result<()> {
     for spec in &registry::MAPS {

@@ -148,6 +148,9 @@ impl Tables<'_> {
                         for (s, v) in sum.v.iter_mut().zip(cpu.v.iter()) {
                             *s += v;
                         }
+                        for (s, b) in sum.bytes.iter_mut().zip(cpu.bytes.iter()) {
+                            *s += b;
+                        }
                     }
                 }
                 Ok(sum)

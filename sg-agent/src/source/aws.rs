@@ -102,7 +102,23 @@ struct Interface {
     ipv6_addresses: Vec<Ipv6Address>,
     #[serde(default)]
     groups: Vec<GroupIdentifier>,
+    /// The tag `sg:audit` = `true` puts the interface in audit mode.
+    #[serde(default)]
+    tag_set: Vec<Tag>,
+    #[serde(default)]
+    owner_id: Option<String>,
 }
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Tag {
+    key: String,
+    #[serde(default)]
+    value: String,
+}
+
+/// The tag key that puts an interface in audit mode (SPEC §7).
+pub const AUDIT_TAG: &str = "sg:audit";
 
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -418,6 +434,11 @@ fn interface(n: Interface, problems: &mut Vec<Problem>) -> NetworkInterface {
         ipv6,
         groups: n.groups.into_iter().map(|g| g.group_id).collect(),
         timeouts: BTreeMap::new(),
+        audit: n
+            .tag_set
+            .iter()
+            .any(|t| t.key == AUDIT_TAG && t.value.eq_ignore_ascii_case("true")),
+        owner_id: n.owner_id,
     }
 }
 
@@ -619,6 +640,12 @@ pub fn interface_json(n: &NetworkInterface) -> serde_json::Value {
     });
     if let Some(mac) = &n.mac {
         v["MacAddress"] = mac.as_str().into();
+    }
+    if let Some(owner) = &n.owner_id {
+        v["OwnerId"] = owner.as_str().into();
+    }
+    if n.audit {
+        v["TagSet"] = serde_json::json!([{ "Key": AUDIT_TAG, "Value": "true" }]);
     }
     v
 }

@@ -126,6 +126,10 @@ struct RawInterface {
     groups: Vec<String>,
     #[serde(default)]
     timeouts: BTreeMap<String, u32>,
+    #[serde(default)]
+    audit: bool,
+    #[serde(default)]
+    owner_id: Option<String>,
 }
 
 pub fn parse(text: &str) -> Result<(State, super::ObjectLines, Origins), Vec<Problem>> {
@@ -301,6 +305,8 @@ fn interface(
         ipv6,
         groups: n.groups,
         timeouts: n.timeouts,
+        audit: n.audit,
+        owner_id: n.owner_id,
     }
 }
 
