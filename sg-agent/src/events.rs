@@ -167,65 +167,95 @@ pub fn monitor_socket(run_dir: &Path) -> PathBuf {
     run_dir.join("monitor.sock")
 }
 
-/// Starts the ring's reader: every event goes to the flow log (when there is one) and to
+/// The ring's one reader: every event goes to the flow log (when there is one) and to
 /// every connected monitor.
-pub fn spawn_reader(
-    pin_dir: &Path,
-    run_dir: &Path,
+pub struct Reader {
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
     labels: Arc<Mutex<Labels>>,
     flow_log: Option<Arc<Mutex<crate::flowlog::FlowLog>>>,
-) -> std::io::Result<()> {
-    use aya::maps::{Map, MapData, RingBuf};
-    let name = sg_common::registry::EVENTS.name;
-    let data = MapData::from_pin(pin_dir.join(name)).map_err(std::io::Error::other)?;
-    let map = Map::from_map_data(data).map_err(std::io::Error::other)?;
-    let mut ring = RingBuf::try_from(map).map_err(std::io::Error::other)?;
-    let socket = monitor_socket(run_dir);
-    let _ = std::fs::remove_file(&socket);
-    let listener = UnixListener::bind(&socket)?;
-    std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    let clients: Arc<Mutex<Vec<UnixStream>>> = Arc::new(Mutex::new(Vec::new()));
-    let accepting = clients.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let _ = conn.set_write_timeout(Some(Duration::from_millis(50)));
-            accepting
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(conn);
-        }
-    });
-    std::thread::spawn(move || loop {
+    clients: Arc<Mutex<Vec<UnixStream>>>,
+}
+
+impl Reader {
+    /// Opens the pinned ring and the monitor socket.
+    pub fn open(
+        pin_dir: &Path,
+        run_dir: &Path,
+        labels: Arc<Mutex<Labels>>,
+        flow_log: Option<Arc<Mutex<crate::flowlog::FlowLog>>>,
+    ) -> std::io::Result<Reader> {
+        use aya::maps::{Map, MapData, RingBuf};
+        let name = sg_common::registry::EVENTS.name;
+        let data = MapData::from_pin(pin_dir.join(name)).map_err(std::io::Error::other)?;
+        let map = Map::from_map_data(data).map_err(std::io::Error::other)?;
+        let ring = RingBuf::try_from(map).map_err(std::io::Error::other)?;
+        let socket = monitor_socket(run_dir);
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket)?;
+        std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        let clients: Arc<Mutex<Vec<UnixStream>>> = Arc::new(Mutex::new(Vec::new()));
+        let accepting = clients.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let _ = conn.set_write_timeout(Some(Duration::from_millis(50)));
+                accepting
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(conn);
+            }
+        });
+        Ok(Reader {
+            ring,
+            labels,
+            flow_log,
+            clients,
+        })
+    }
+
+    /// Takes every event in the ring now; returns how many.
+    pub fn drain(&mut self) -> usize {
         let mut batch = Vec::new();
-        while let Some(item) = ring.next() {
+        while let Some(item) = self.ring.next() {
             if let Some(e) = decode(&item) {
                 batch.push(e);
             }
         }
         if batch.is_empty() {
-            std::thread::sleep(Duration::from_millis(50));
-            continue;
+            return 0;
         }
-        if let Some(f) = &flow_log {
+        if let Some(f) = &self.flow_log {
             let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
             for e in &batch {
                 f.on_event(e);
             }
         }
-        let mut clients = clients.lock().unwrap_or_else(|p| p.into_inner());
-        if clients.is_empty() {
-            continue;
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if !clients.is_empty() {
+            let labels = self
+                .labels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let mut text = String::new();
+            for e in &batch {
+                text += &event_json(e, &labels).to_string();
+                text.push('\n');
+            }
+            // A monitor that went away, or cannot keep up, is dropped.
+            clients.retain_mut(|c| c.write_all(text.as_bytes()).is_ok());
         }
-        let labels = labels.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut text = String::new();
-        for e in &batch {
-            text += &event_json(e, &labels).to_string();
-            text.push('\n');
+        batch.len()
+    }
+}
+
+/// Drains the ring every 50 ms on a thread of its own.
+pub fn spawn_reader(reader: Arc<Mutex<Reader>>) {
+    std::thread::spawn(move || loop {
+        let n = reader.lock().unwrap_or_else(|p| p.into_inner()).drain();
+        if n == 0 {
+            std::thread::sleep(Duration::from_millis(50));
         }
-        // A monitor that went away, or cannot keep up, is dropped.
-        clients.retain_mut(|c| c.write_all(text.as_bytes()).is_ok());
     });
-    Ok(())
 }
 
 #[cfg(test)]

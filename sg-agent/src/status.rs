@@ -196,6 +196,7 @@ pub fn pinned_document(pin_dir: &Path) -> Result<serde_json::Value, DatapathErro
                 "network_interface": agent_view["network_interface"],
                 "groups": agent_view["groups"],
                 "orphaned": agent_view["orphaned"].as_bool().unwrap_or(false),
+                "audit": config.flags & sg_common::IFACE_AUDIT != 0,
                 "counters": by_dir,
                 "timeouts": timeouts,
             })

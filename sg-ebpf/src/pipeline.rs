@@ -158,7 +158,9 @@ fn deny(
         reason,
         now,
         deny_rate,
-        bytes,
+        // As conntrack counts a flow's bytes: from the Ethernet header to the end of the
+        // IP packet (no padding).
+        ip.len,
     );
     false
 }

@@ -59,6 +59,8 @@ const SYSTEM_PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("ethtool", "ethtool"),
     ("bpftool", "bpftool"),
+    // `promtool check metrics` in the metrics test.
+    ("prometheus", "promtool"),
 ];
 
 /// Whether `command` is on the PATH (or in the sbin directories root's PATH may lack).

@@ -122,6 +122,8 @@ pub struct Agent {
     /// What flow events' numbers mean, shared with the event reader.
     labels: Arc<Mutex<crate::events::Labels>>,
     flow_log: Option<Arc<Mutex<crate::flowlog::FlowLog>>>,
+    /// The event ring's reader (drained before each flow log flush).
+    reader: Option<Arc<Mutex<crate::events::Reader>>>,
     /// Counts for the metrics (SPEC §7).
     stats: status::AgentStats,
 }
@@ -165,6 +167,7 @@ impl Agent {
         let mut agent = Agent {
             labels: Arc::new(Mutex::new(crate::events::Labels::default())),
             flow_log,
+            reader: None,
             stats: status::AgentStats::default(),
             _lock: lock,
             known,
@@ -189,13 +192,16 @@ impl Agent {
         };
         agent.seen = seen;
         agent.apply(state, reconcile::Content::Document(doc))?;
-        crate::events::spawn_reader(
+        let reader = crate::events::Reader::open(
             &agent.opts.pin_dir,
             &agent.opts.run_dir,
             agent.labels.clone(),
             agent.flow_log.clone(),
         )
         .map_err(io("reading the flow event ring"))?;
+        let reader = Arc::new(Mutex::new(reader));
+        crate::events::spawn_reader(reader.clone());
+        agent.reader = Some(reader);
         Ok(agent)
     }
 
@@ -274,6 +280,9 @@ impl Agent {
         let Some(f) = self.flow_log.clone() else {
             return;
         };
+        if let Some(r) = &self.reader {
+            r.lock().unwrap_or_else(|p| p.into_inner()).drain();
+        }
         let tables = self.dp.tables();
         let flows = match tables.flows() {
             Ok(f) => f,
@@ -298,6 +307,8 @@ impl Agent {
         f.flush(&flows, &counters, &labels, offset);
         self.stats.flow_log_records = f.written;
         self.stats.flow_log_skipped_packets = f.skipped_packets;
+        drop(f);
+        self.write_status();
     }
 
     fn fail(&mut self, error: String) {

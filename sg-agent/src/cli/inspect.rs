@@ -85,12 +85,17 @@ pub(super) fn status(pin_dir: &std::path::Path, json: bool) -> ExitCode {
             .filter_map(|g| g.as_str())
             .collect();
         println!(
-            "\n{} (ifindex {}) = {}{}",
+            "\n{} (ifindex {}) = {}{}{}",
             i["name"].as_str().unwrap_or("?"),
             i["ifindex"],
             i["network_interface"].as_str().unwrap_or("?"),
             if i["orphaned"] == true {
                 "  ORPHANED (keeps its last valid policy)"
+            } else {
+                ""
+            },
+            if i["audit"] == true {
+                "  AUDIT (nothing is dropped; would-be drops are counted and logged)"
             } else {
                 ""
             }
