@@ -15,6 +15,7 @@ use crate::status;
 pub fn serve(
     addr: SocketAddr,
     document: Arc<Mutex<String>>,
+    labels: Arc<Mutex<crate::events::Labels>>,
     pin_dir: PathBuf,
 ) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr)?;
@@ -39,6 +40,7 @@ pub fn serve(
                     status::metrics(
                         &pin_dir,
                         &document.lock().map(|s| s.clone()).unwrap_or_default(),
+                        &labels.lock().map(|l| l.clone()).unwrap_or_default(),
                     ),
                 ),
                 _ => ("404 Not Found", "text/plain", "not found\n".to_string()),

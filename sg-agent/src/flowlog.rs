@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use sg_common::{counter, drop_reason, Counters, CtKey, DIR_EGRESS, DIR_INGRESS};
+use sg_common::{counter, Counters, CtKey, DIR_EGRESS, DIR_INGRESS};
 
 use crate::{
     datapath::{addr_of, FlowRow},
@@ -310,7 +310,7 @@ impl FlowLog {
         let reason = if e.audited {
             "audit".to_string()
         } else {
-            reason_name(e.reason).to_string()
+            crate::events::reason_name(e.reason).to_string()
         };
         let agg = self.rejects.entry(key).or_insert(RejectAgg {
             packets: 0,
@@ -485,16 +485,6 @@ impl FlowLog {
         }
         self.interval_start = now_unix;
         self.next_flush = Instant::now() + self.opts.interval;
-    }
-}
-
-/// The `sg-reason` of a drop reason.
-pub fn reason_name(reason: u32) -> &'static str {
-    match reason {
-        drop_reason::POLICY => "no-rule",
-        drop_reason::CONNTRACK_FULL => "conntrack-full",
-        r if r < drop_reason::COUNT => drop_reason::NAMES[r as usize],
-        _ => "unknown",
     }
 }
 

@@ -254,8 +254,9 @@ impl Family {
 }
 
 /// The metrics of the agent whose pins are under `pin_dir` (SPEC §7), in the Prometheus
-/// text format; `document` is the running agent's status document.
-pub fn metrics(pin_dir: &Path, document: &str) -> String {
+/// text format; `document` is the running agent's status document and `labels` what its
+/// rule ids mean.
+pub fn metrics(pin_dir: &Path, document: &str, labels: &crate::events::Labels) -> String {
     let doc: serde_json::Value = serde_json::from_str(document).unwrap_or_default();
     let tables = Tables::Pinned(pin_dir);
     let ifaces = tables.interfaces().unwrap_or_default();
@@ -368,14 +369,11 @@ pub fn metrics(pin_dir: &Path, document: &str) -> String {
         "counter",
         "Flows admitted, by security group and stable rule id.",
     );
-    let rules = crate::agent::pinned_plan(pin_dir)
-        .map(|p| p.rules)
-        .unwrap_or_default();
     for (id, n) in tables.rule_hits().unwrap_or_default() {
-        match rules.get(&id) {
-            Some(r) => hits.sample(
+        match labels.rules.get(&id) {
+            Some((rule, group)) => hits.sample(
                 "sg_rule_hits_total",
-                &[("group_id", &r.key.group), ("rule_id", &r.stable_id)],
+                &[("group_id", group), ("rule_id", rule)],
                 n,
             ),
             None => hits.sample(

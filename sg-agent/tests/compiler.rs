@@ -152,7 +152,15 @@ fn spec_1_2_interface_without_groups_is_not_enforced_unless_default_deny() {
     let other = ifindex(&s, "eni-other");
     let remote: IpAddr = "198.18.0.1".parse().unwrap();
     assert_eq!(p.lookup(other, IN, remote, 6, 80), PlanVerdict::NotEnforced);
-    let strict = compile(&s, &locals(&s), &Options { default_deny: true }, None);
+    let strict = compile(
+        &s,
+        &locals(&s),
+        &Options {
+            default_deny: true,
+            ..Default::default()
+        },
+        None,
+    );
     assert_eq!(strict.lookup(other, IN, remote, 6, 80), PlanVerdict::Deny);
     assert_eq!(strict.lookup(other, OUT, remote, 6, 80), PlanVerdict::Deny);
 }
@@ -513,6 +521,7 @@ fn diff_invariant(seed: u64) {
     let locals = testgen::locals(&old_state, 2);
     let options = Options {
         default_deny: rng.chance(30),
+        audit: false,
     };
     let old = compile(&old_state, &locals, &options, None);
     let new = compile(&new_state, &locals, &options, Some(&old));

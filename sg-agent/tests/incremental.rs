@@ -277,6 +277,7 @@ fn membership_changes_equal_full_compiles() {
         let locals = testgen::locals(&state, n_locals);
         let options = Options {
             default_deny: rng.chance(30),
+            audit: false,
         };
         let mut plan = compile(&state, &locals, &options, None);
         let mut index = PlanIndex::new(&plan);

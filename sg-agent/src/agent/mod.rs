@@ -29,6 +29,7 @@ use crate::{
 
 mod persist;
 mod reconcile;
+mod ring;
 mod watch;
 
 pub use persist::{default_run_dir, holder, load_known, pinned_plan, run_dir_of};
@@ -123,7 +124,7 @@ pub struct Agent {
     labels: Arc<Mutex<crate::events::Labels>>,
     flow_log: Option<Arc<Mutex<crate::flowlog::FlowLog>>>,
     /// The event ring's reader (drained before each flow log flush).
-    reader: Option<Arc<Mutex<crate::events::Reader>>>,
+    reader: Option<Arc<Mutex<ring::Reader>>>,
     /// Counts for the metrics (SPEC §7).
     stats: status::AgentStats,
 }
@@ -192,7 +193,7 @@ impl Agent {
         };
         agent.seen = seen;
         agent.apply(state, reconcile::Content::Document(doc))?;
-        let reader = crate::events::Reader::open(
+        let reader = ring::Reader::open(
             &agent.opts.pin_dir,
             &agent.opts.run_dir,
             agent.labels.clone(),
@@ -200,7 +201,7 @@ impl Agent {
         )
         .map_err(io("reading the flow event ring"))?;
         let reader = Arc::new(Mutex::new(reader));
-        crate::events::spawn_reader(reader.clone());
+        ring::spawn_reader(reader.clone());
         agent.reader = Some(reader);
         Ok(agent)
     }
@@ -211,8 +212,13 @@ impl Agent {
         watch::spawn_signals(tx.clone())?;
         watch::spawn_watcher(&self.opts.state, tx);
         if let Some(addr) = self.opts.api {
-            crate::api::serve(addr, self.status.clone(), self.opts.pin_dir.clone())
-                .map_err(io(format!("serving the API on {addr}")))?;
+            crate::api::serve(
+                addr,
+                self.status.clone(),
+                self.labels.clone(),
+                self.opts.pin_dir.clone(),
+            )
+            .map_err(io(format!("serving the API on {addr}")))?;
         }
         loop {
             let mut deadline = self.next_tick.min(self.next_gc);
