@@ -179,7 +179,7 @@ pub(crate) struct Flood {
 /// apart: together, the copies would set the drop rate.)
 pub(crate) fn flood(pair: &Pair, installed: &Installed, gen: &mut Generator, secs: f64) -> Flood {
     let program = match installed.variant {
-        Variant::SgXdp => Some(sg_common::PROG_XDP_INGRESS),
+        Variant::SgXdp | Variant::SgXdpLogs => Some(sg_common::PROG_XDP_INGRESS),
         Variant::SgTc => Some(sg_common::PROG_TC_INGRESS),
         _ => None,
     };

@@ -47,6 +47,7 @@ pub fn bench_peers(smoke: bool, quick: bool, publish: &mut Publish) {
     let variants = [
         Variant::None,
         Variant::SgXdp,
+        Variant::SgXdpLogs,
         Variant::SgTc,
         Variant::NftLinear,
         Variant::NftSet,
@@ -211,6 +212,25 @@ pub fn bench_peers(smoke: bool, quick: bool, publish: &mut Publish) {
                     rows.push(row);
                 }
                 md += "\n";
+            }
+            // The cost of flow logs (SPEC §7), side by side in this run.
+            let med = |v: Variant, m: &str| samples.get(&(v, m)).map(|s| median(s.clone()).0);
+            if let (Some(on), Some(off)) = (
+                med(Variant::SgXdpLogs, "tcp_1"),
+                med(Variant::SgXdp, "tcp_1"),
+            ) {
+                let capacity = match (
+                    med(Variant::SgXdpLogs, "drop_capacity"),
+                    med(Variant::SgXdp, "drop_capacity"),
+                ) {
+                    (Some(a), Some(b)) => format!("{:.0} %", a / b * 100.0),
+                    _ => "–".into(),
+                };
+                md += &format!(
+                    "Flow logs on (b″) against off (b), XDP, {n} rules: the allowed TCP stream keeps {:.0} % of its throughput, the denied flood {capacity} of the drop capacity.\n\n",
+                    on / off * 100.0
+                );
+                rows.push(json!({ "mtu": mtu, "rules": n, "flow_log_cost": { "tcp_1_kept": on / off, "drop_capacity_kept": med(Variant::SgXdpLogs, "drop_capacity").zip(med(Variant::SgXdp, "drop_capacity")).map(|(a, b)| a / b) } }));
             }
         }
     }

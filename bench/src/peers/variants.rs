@@ -7,6 +7,8 @@ use super::*;
 pub enum Variant {
     None,
     SgXdp,
+    /// sg on XDP with flow logs on (the agent reads the event ring and writes records).
+    SgXdpLogs,
     SgTc,
     NftLinear,
     NftSet,
@@ -18,6 +20,7 @@ impl Variant {
         match self {
             Variant::None => "(a) no filter",
             Variant::SgXdp => "(b) sg, XDP ingress",
+            Variant::SgXdpLogs => "(b″) sg, XDP ingress, flow logs on",
             Variant::SgTc => "(b′) sg, TC ingress",
             Variant::NftLinear => "(c) nftables, linear + ct",
             Variant::NftSet => "(d) nftables, set ip.port + ct",
@@ -30,7 +33,11 @@ impl Variant {
         max < 100_000
             || matches!(
                 self,
-                Variant::None | Variant::SgXdp | Variant::SgTc | Variant::NftSet
+                Variant::None
+                    | Variant::SgXdp
+                    | Variant::SgXdpLogs
+                    | Variant::SgTc
+                    | Variant::NftSet
             )
     }
 }
@@ -123,17 +130,24 @@ impl Installed {
         let mut agent = None;
         match variant {
             Variant::None => {}
-            Variant::SgXdp | Variant::SgTc => {
+            Variant::SgXdp | Variant::SgXdpLogs | Variant::SgTc => {
                 let dir = TempDir::new("peers");
                 let pins = dir.path("pins");
                 std::fs::create_dir_all(&pins).unwrap();
                 run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&pins));
                 let state = dir.path("state.toml");
                 let sha = write_state(&state, &sg_state(n));
-                let hook = if variant == Variant::SgXdp {
-                    "xdp"
+                let hook = if variant == Variant::SgTc { "tc" } else { "xdp" };
+                let flow_log = dir.path("flow.log");
+                let logs: Vec<&std::ffi::OsStr> = if variant == Variant::SgXdpLogs {
+                    vec![
+                        "--flow-log".as_ref(),
+                        flow_log.as_os_str(),
+                        "--flow-log-interval".as_ref(),
+                        "1".as_ref(),
+                    ]
                 } else {
-                    "tc"
+                    vec![]
                 };
                 let child = pair
                     .server
@@ -145,6 +159,7 @@ impl Installed {
                     .arg("--run-dir")
                     .arg(dir.path("run"))
                     .args(["--ingress-hook", hook])
+                    .args(&logs)
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(std::fs::File::create(dir.path("agent.log")).unwrap())
@@ -207,7 +222,7 @@ impl Installed {
     pub(crate) fn dropped(&self) -> Option<u64> {
         match self.variant {
             Variant::None => None,
-            Variant::SgXdp | Variant::SgTc => {
+            Variant::SgXdp | Variant::SgXdpLogs | Variant::SgTc => {
                 let (_, _, pins) = self.agent.as_ref()?;
                 let out = Command::new(agent_bin())
                     .args(["status", "--json", "--pin-dir"])
@@ -298,7 +313,7 @@ impl Installed {
 impl Drop for Installed {
     fn drop(&mut self) {
         match self.variant {
-            Variant::SgXdp | Variant::SgTc => {
+            Variant::SgXdp | Variant::SgXdpLogs | Variant::SgTc => {
                 if let Some((mut child, dir, pins)) = self.agent.take() {
                     let _ = child.kill();
                     let _ = child.wait();
