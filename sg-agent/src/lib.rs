@@ -25,6 +25,7 @@ pub mod events;
 pub mod flowlog;
 pub mod model;
 pub mod net;
+pub mod notify;
 pub mod source;
 pub mod status;
 pub mod sys;

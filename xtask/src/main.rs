@@ -4,6 +4,7 @@
 mod bench;
 mod bootstrap;
 mod demo;
+mod package;
 
 use std::{
     path::{Path, PathBuf},
@@ -47,6 +48,8 @@ enum Task {
         #[arg(long)]
         keep: bool,
     },
+    /// Build the Debian package (target/debian/sg-agent_VERSION_ARCH.deb) with dpkg-deb.
+    Package,
     /// Benchmarks: compile, datapath (all with --quick/--smoke variants).
     Bench {
         /// What to measure: all, compile, datapath.
@@ -71,6 +74,9 @@ fn main() -> ExitCode {
         Task::Run { args } => run(&args),
         Task::Test { args } => test(&args),
         Task::Demo { keep } => build_agent().and_then(|agent| demo::run(&agent, keep)),
+        Task::Package => build_agent()
+            .and_then(|agent| package::build(&agent))
+            .map(|_| ()),
         Task::Bench { what, quick, smoke } => bench::run(&what, quick, smoke),
     };
     match result {
@@ -183,6 +189,8 @@ fn run(args: &[String]) -> Result<()> {
 fn test(args: &[String]) -> Result<()> {
     let object = build_ebpf()?;
     let agent = build_agent()?;
+    // The package test installs the real .deb.
+    let deb = package::build(&agent)?;
     eprintln!("xtask: running the tests");
     let started = std::time::Instant::now();
     let output = Command::new("cargo")
@@ -200,6 +208,7 @@ fn test(args: &[String]) -> Result<()> {
         .args(args)
         .env("SG_EBPF_OBJECT", &object)
         .env("SG_AGENT_BIN", &agent)
+        .env("SG_DEB", &deb)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("running cargo test")?

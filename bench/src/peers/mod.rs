@@ -223,11 +223,16 @@ pub fn bench_peers(smoke: bool, quick: bool, publish: &mut Publish) {
                     med(Variant::SgXdpLogs, "drop_capacity"),
                     med(Variant::SgXdp, "drop_capacity"),
                 ) {
-                    (Some(a), Some(b)) => format!("{:.0} %", a / b * 100.0),
-                    _ => "–".into(),
+                    (Some(a), Some(b)) => {
+                        format!(
+                            ", and the denied flood {:.0} % of its drop capacity",
+                            a / b * 100.0
+                        )
+                    }
+                    _ => String::new(),
                 };
                 md += &format!(
-                    "Flow logs on (b″) against off (b), XDP, {n} rules: the allowed TCP stream keeps {:.0} % of its throughput, the denied flood {capacity} of the drop capacity.\n\n",
+                    "Flow logs on (b″) against off (b), XDP, {n} rules: the allowed TCP stream keeps {:.0} % of its throughput{capacity}.\n\n",
                     on / off * 100.0
                 );
                 rows.push(json!({ "mtu": mtu, "rules": n, "flow_log_cost": { "tcp_1_kept": on / off, "drop_capacity_kept": med(Variant::SgXdpLogs, "drop_capacity").zip(med(Variant::SgXdp, "drop_capacity")).map(|(a, b)| a / b) } }));

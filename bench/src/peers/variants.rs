@@ -137,7 +137,11 @@ impl Installed {
                 run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&pins));
                 let state = dir.path("state.toml");
                 let sha = write_state(&state, &sg_state(n));
-                let hook = if variant == Variant::SgTc { "tc" } else { "xdp" };
+                let hook = if variant == Variant::SgTc {
+                    "tc"
+                } else {
+                    "xdp"
+                };
                 let flow_log = dir.path("flow.log");
                 let logs: Vec<&std::ffi::OsStr> = if variant == Variant::SgXdpLogs {
                     vec![

@@ -127,6 +127,8 @@ pub struct Agent {
     reader: Option<Arc<Mutex<ring::Reader>>>,
     /// Counts for the metrics (SPEC §7).
     stats: status::AgentStats,
+    /// systemd's readiness and status protocol.
+    notifier: crate::notify::Notifier,
 }
 
 impl Agent {
@@ -170,6 +172,7 @@ impl Agent {
             flow_log,
             reader: None,
             stats: status::AgentStats::default(),
+            notifier: crate::notify::Notifier::from_env(),
             _lock: lock,
             known,
             orphans: BTreeMap::new(),
@@ -220,13 +223,19 @@ impl Agent {
             )
             .map_err(io(format!("serving the API on {addr}")))?;
         }
+        // The first policy is enforced (start applied it): systemd may go on.
+        self.notifier.ready(&self.status_line());
         loop {
             let mut deadline = self.next_tick.min(self.next_gc);
+            if let Some(due) = self.notifier.watchdog(Instant::now()) {
+                deadline = deadline.min(due);
+            }
             if let Some(f) = &self.flow_log {
                 deadline = deadline.min(f.lock().unwrap_or_else(|p| p.into_inner()).next_flush);
             }
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(Event::Stop) => {
+                    self.notifier.stopping();
                     // Every open interval is flushed (SPEC §7).
                     self.flush_flow_log();
                     log::info!("stopping; programs stay attached and maps pinned");
@@ -234,10 +243,12 @@ impl Agent {
                 }
                 Ok(Event::Reload) => {
                     log::info!("SIGHUP: re-reading {}", self.opts.state.display());
+                    self.notifier.reloading();
                     if let Some(f) = &self.flow_log {
                         f.lock().unwrap_or_else(|p| p.into_inner()).reopen();
                     }
                     self.reload(true);
+                    self.notifier.reloaded(&self.status_line());
                 }
                 Ok(Event::StateChanged) => self.reload(false),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -360,6 +371,42 @@ impl Agent {
             log::warn!("writing status: {e}");
         }
         *self.status.lock().unwrap_or_else(|p| p.into_inner()) = doc;
+        self.notifier.status(&self.status_line());
+    }
+
+    /// One line for systemd's `STATUS=`: the applied state, the interfaces, the last error.
+    fn status_line(&self) -> String {
+        let names: Vec<String> = self
+            .plan
+            .interfaces
+            .iter()
+            .map(|(i, p)| {
+                format!(
+                    "{} ({})",
+                    self.names.get(i).map_or("?", |n| n.as_str()),
+                    p.eni
+                )
+            })
+            .collect();
+        format!(
+            "state {} applied; enforcing {} interface(s){}{}{}",
+            self.state.as_ref().map_or("-", |s| &s.sha256[..12]),
+            names.len(),
+            if names.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", names.join(", "))
+            },
+            if self.orphans.is_empty() {
+                String::new()
+            } else {
+                format!("; {} orphaned", self.orphans.len())
+            },
+            self.last_error
+                .as_deref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        )
     }
 
     pub fn plan(&self) -> &Plan {

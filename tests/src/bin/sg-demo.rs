@@ -11,7 +11,7 @@ use std::{
 };
 
 use sg_tests::{
-    lab::{tcp, write_state, AgentProc, Host, Lab, TempDir},
+    lab::{agent_bin, tcp, write_state, AgentProc, Host, Lab, TempDir},
     privileges::require_root,
     wait_for,
 };
@@ -86,9 +86,20 @@ fn main() -> ExitCode {
         state.display()
     );
     let servers: [&Host; 4] = [&web1, &web2, &db, &web3];
+    // The database's agent also writes VPC Flow Logs (1 s intervals, to show them below).
+    let flow_log = dir.path("db-flow.log");
+    let db_args = [
+        "--flow-log",
+        flow_log.to_str().expect("path"),
+        "--flow-log-interval",
+        "1",
+    ];
     let mut agents: Vec<AgentProc> = servers
         .iter()
-        .map(|h| h.start_agent(&state, &[], &dir.path(&format!("{}.log", h.name))))
+        .map(|h| {
+            let args: &[&str] = if h.name == "db" { &db_args } else { &[] };
+            h.start_agent(&state, args, &dir.path(&format!("{}.log", h.name)))
+        })
         .collect();
     for (h, a) in servers.iter().zip(agents.iter_mut()) {
         h.wait_applied(&sha, a);
@@ -281,6 +292,23 @@ fn main() -> ExitCode {
             println!("\nweb3 joined web-sg: no admitted connection within 10 s");
             failures += 1;
         }
+    }
+    println!("\n== what the database's agent shows: `sg-agent policy`");
+    let policy = db
+        .cmd(agent_bin())
+        .arg("policy")
+        .output()
+        .expect("sg-agent policy");
+    print!("{}", String::from_utf8_lossy(&policy.stdout));
+    std::thread::sleep(Duration::from_millis(1500));
+    println!("\n== and its flow log (AWS VPC Flow Logs, version 2 default format), tcp/3306:");
+    let records = std::fs::read_to_string(&flow_log).unwrap_or_default();
+    for line in records
+        .lines()
+        .filter(|l| l.split(' ').nth(6) == Some("3306"))
+        .take(8)
+    {
+        println!("  {line}");
     }
     println!(
         "{} checks, {} mismatches, {:.1} s",
