@@ -81,87 +81,96 @@ pub struct HostInterface {
     pub enslaved: bool,
 }
 
-/// Every interface in the current network namespace (if_nameindex and SIOCGIFHWADDR,
-/// which, unlike /sys, always answer for the caller's own namespace).
+/// Every interface in the current network namespace (if_nameindex, then SIOCGIFHWADDR
+/// and SIOCGIFFLAGS, which, unlike /sys, always answer for the caller's own namespace).
+/// The ioctls go through a Unix socket: the kernel answers them for a socket of any
+/// family, and a service restricted to AF_UNIX and AF_NETLINK (the systemd unit) may not
+/// open an AF_INET one. Without that socket no MAC address could be read and nothing
+/// would be enforced: that is an error, not an empty list.
 pub fn interfaces() -> io::Result<Vec<HostInterface>> {
+    // SAFETY: a datagram socket for the ioctls, closed below.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::other(format!(
+            "opening a socket to read interface addresses: {}",
+            io::Error::last_os_error()
+        )));
+    }
     let mut out = Vec::new();
     // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
-    unsafe {
+    let listed = unsafe {
         let list = libc::if_nameindex();
         if list.is_null() {
-            return Err(io::Error::last_os_error());
+            Err(io::Error::last_os_error())
+        } else {
+            let mut p = list;
+            while (*p).if_index != 0 && !(*p).if_name.is_null() {
+                let name = CStr::from_ptr((*p).if_name).to_string_lossy().into_owned();
+                let flags = flags_of(fd, &name);
+                out.push(HostInterface {
+                    mac: mac_of(fd, &name),
+                    bond_master: flags & libc::IFF_MASTER != 0,
+                    enslaved: flags & libc::IFF_SLAVE != 0,
+                    name,
+                    ifindex: (*p).if_index,
+                });
+                p = p.add(1);
+            }
+            libc::if_freenameindex(list);
+            Ok(())
         }
-        let mut p = list;
-        while (*p).if_index != 0 && !(*p).if_name.is_null() {
-            let name = CStr::from_ptr((*p).if_name).to_string_lossy().into_owned();
-            let flags = flags_of(&name);
-            out.push(HostInterface {
-                mac: mac_of(&name),
-                bond_master: flags & libc::IFF_MASTER != 0,
-                enslaved: flags & libc::IFF_SLAVE != 0,
-                name,
-                ifindex: (*p).if_index,
-            });
-            p = p.add(1);
-        }
-        libc::if_freenameindex(list);
-    }
+    };
+    // SAFETY: closing the socket opened above.
+    unsafe { libc::close(fd) };
+    listed?;
     out.sort();
     Ok(out)
 }
 
-fn mac_of(name: &str) -> Option<String> {
-    // SAFETY: a datagram socket for the ioctl, closed below; ifreq is zeroed and owned.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return None;
-        }
-        let mut req: libc::ifreq = std::mem::zeroed();
-        for (i, b) in name.bytes().take(libc::IFNAMSIZ - 1).enumerate() {
-            req.ifr_name[i] = b as libc::c_char;
-        }
-        let rc = libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req);
-        libc::close(fd);
-        if rc != 0 {
-            return None;
-        }
-        let sa = req.ifr_ifru.ifru_hwaddr;
-        if sa.sa_family != libc::ARPHRD_ETHER {
-            return None;
-        }
-        let b: Vec<u8> = sa.sa_data[..6].iter().map(|c| *c as u8).collect();
-        if b.iter().all(|x| *x == 0) {
-            return None;
-        }
-        Some(
-            b.iter()
-                .map(|x| format!("{x:02x}"))
-                .collect::<Vec<_>>()
-                .join(":"),
-        )
+/// An `ifreq` naming `name`.
+fn ifreq_of(name: &str) -> libc::ifreq {
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (i, b) in name.bytes().take(libc::IFNAMSIZ - 1).enumerate() {
+        req.ifr_name[i] = b as libc::c_char;
     }
+    req
+}
+
+fn mac_of(fd: i32, name: &str) -> Option<String> {
+    let mut req = ifreq_of(name);
+    // SAFETY: SIOCGIFHWADDR fills the ifreq we own.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: after SIOCGIFHWADDR the union holds the hardware address.
+    let sa = unsafe { req.ifr_ifru.ifru_hwaddr };
+    if sa.sa_family != libc::ARPHRD_ETHER {
+        return None;
+    }
+    let b: Vec<u8> = sa.sa_data[..6].iter().map(|c| *c as u8).collect();
+    if b.iter().all(|x| *x == 0) {
+        return None;
+    }
+    Some(
+        b.iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<Vec<_>>()
+            .join(":"),
+    )
 }
 
 /// The interface flags (SIOCGIFFLAGS) of `name`; 0 when they cannot be read.
-fn flags_of(name: &str) -> i32 {
-    // SAFETY: a datagram socket for the ioctl, closed below; ifreq is zeroed and owned.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return 0;
-        }
-        let mut req: libc::ifreq = std::mem::zeroed();
-        for (i, b) in name.bytes().take(libc::IFNAMSIZ - 1).enumerate() {
-            req.ifr_name[i] = b as libc::c_char;
-        }
-        let rc = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req);
-        libc::close(fd);
-        if rc != 0 {
-            return 0;
-        }
-        req.ifr_ifru.ifru_flags as i32
+fn flags_of(fd: i32, name: &str) -> i32 {
+    let mut req = ifreq_of(name);
+    // SAFETY: SIOCGIFFLAGS fills the ifreq we own.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) };
+    if rc != 0 {
+        return 0;
     }
+    // SAFETY: after SIOCGIFFLAGS the union holds the flags.
+    unsafe { req.ifr_ifru.ifru_flags as i32 }
 }
 
 /// CLOCK_BOOTTIME in nanoseconds: the clock the datapath uses.

@@ -61,6 +61,10 @@ const SYSTEM_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     // `promtool check metrics` in the metrics test.
     ("prometheus", "promtool"),
+    // The unit under a real systemd: a Debian root booted with systemd-nspawn.
+    ("debootstrap", "debootstrap"),
+    ("systemd-container", "systemd-nspawn"),
+    ("systemd", "systemd-analyze"),
 ];
 
 /// Whether `command` is on the PATH (or in the sbin directories root's PATH may lack).
@@ -129,6 +133,49 @@ fn apt(packages: &[&str]) -> Result<()> {
 }
 
 /// Installs whatever the tasks lack, saying what it does.
+/// A Debian root with systemd for the unit's test under a real systemd (systemd-nspawn),
+/// made once with debootstrap from the host's own Debian release and mirror, and kept in
+/// target/ (the tests boot copies of it).
+pub fn container_root() -> Result<std::path::PathBuf> {
+    let root = crate::root().join("target/nspawn-root");
+    if root.join("usr/lib/systemd/systemd").exists() {
+        return Ok(root);
+    }
+    let release = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+    let suite = release
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .unwrap_or("bookworm")
+        .trim_matches('"')
+        .to_string();
+    let sources =
+        std::fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
+    let mirror = sources
+        .lines()
+        .find_map(|l| l.strip_prefix("URIs:"))
+        .map(|u| u.split_whitespace().next().unwrap_or("").to_string())
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "http://deb.debian.org/debian".into());
+    eprintln!("xtask: making a Debian {suite} root with systemd for the unit's test (debootstrap, about 30 s)");
+    let tmp = crate::root().join("target/nspawn-root.tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    let st = Command::new("debootstrap")
+        .args([
+            "--variant=minbase",
+            "--include=systemd,systemd-sysv,dbus,iproute2,procps",
+            &suite,
+        ])
+        .arg(&tmp)
+        .arg(&mirror)
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("debootstrap {suite} from {mirror} failed");
+    }
+    std::fs::rename(&tmp, &root)?;
+    Ok(root)
+}
+
 pub fn ensure() -> Result<()> {
     let missing = missing_packages();
     if !missing.is_empty() {

@@ -189,8 +189,9 @@ fn run(args: &[String]) -> Result<()> {
 fn test(args: &[String]) -> Result<()> {
     let object = build_ebpf()?;
     let agent = build_agent()?;
-    // The package test installs the real .deb.
+    // The package test installs the real .deb, also in a container under a real systemd.
     let deb = package::build(&agent)?;
+    let container_root = bootstrap::container_root()?;
     eprintln!("xtask: running the tests");
     let started = std::time::Instant::now();
     let output = Command::new("cargo")
@@ -209,6 +210,7 @@ fn test(args: &[String]) -> Result<()> {
         .env("SG_EBPF_OBJECT", &object)
         .env("SG_AGENT_BIN", &agent)
         .env("SG_DEB", &deb)
+        .env("SG_CONTAINER_ROOT", &container_root)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("running cargo test")?

@@ -60,20 +60,37 @@ exit 0
 "#;
 
 const POSTRM: &str = r#"#!/bin/sh
-# sg-agent postrm: purge detaches. The links and maps live as pins on the bpffs; removing
+# sg-agent postrm: purge detaches. The links and maps live as pins on a bpffs; removing
 # them detaches every program (the links go with their last reference). Then the agent's
-# run directory, logs and the unit's enablement go.
+# run directory, logs and the unit's enablement go. Remove leaves only the conffile.
 set -e
 if [ "$1" = "purge" ]; then
-    rm -rf "$DPKG_ROOT/sys/fs/bpf/sg" "$DPKG_ROOT/run/sg" "$DPKG_ROOT/var/log/sg"
-    rm -f "$DPKG_ROOT/etc/systemd/system/multi-user.target.wants/sg-agent.service"
+    # Every sg pin directory on every bpffs (it holds SG_STATUS), whatever --pin-dir was.
+    if [ -z "$DPKG_ROOT" ] && [ -r /proc/mounts ]; then
+        for mnt in $(awk '$3 == "bpf" { print $2 }' /proc/mounts); do
+            for d in "$mnt"/*/; do
+                if [ -e "${d}SG_STATUS" ]; then
+                    rm -rf "$d"
+                fi
+            done
+        done
+    fi
+    rm -rf "$DPKG_ROOT/run/sg" "$DPKG_ROOT/var/log/sg"
     if [ -z "$DPKG_ROOT" ] && command -v deb-systemd-helper >/dev/null 2>&1; then
         deb-systemd-helper purge sg-agent.service >/dev/null 2>&1 || true
     fi
     rmdir "$DPKG_ROOT/etc/sg" 2>/dev/null || true
 fi
-if [ "$1" = "remove" ] && [ -z "$DPKG_ROOT" ] && [ -d /run/systemd/system ]; then
-    systemctl daemon-reload >/dev/null 2>&1 || true
+if [ "$1" = "remove" ]; then
+    # Nothing is left behind but the conffile: the unit's enablement goes too.
+    if [ -z "$DPKG_ROOT" ] && command -v deb-systemd-helper >/dev/null 2>&1; then
+        deb-systemd-helper disable sg-agent.service >/dev/null 2>&1 || true
+    fi
+    rm -f "$DPKG_ROOT/etc/systemd/system/multi-user.target.wants/sg-agent.service"
+    rmdir "$DPKG_ROOT/etc/systemd/system/multi-user.target.wants" "$DPKG_ROOT/etc/systemd/system" 2>/dev/null || true
+    if [ -z "$DPKG_ROOT" ] && [ -d /run/systemd/system ]; then
+        systemctl daemon-reload >/dev/null 2>&1 || true
+    fi
 fi
 exit 0
 "#;
@@ -197,7 +214,7 @@ pub fn build(agent: &Path) -> Result<PathBuf> {
     write(
         &at("/DEBIAN/control"),
         format!(
-            "Package: sg-agent\nVersion: {version}\nArchitecture: {arch}\nMaintainer: sg developers <sg@localhost>\nInstalled-Size: {installed_kib}\nSection: net\nPriority: optional\nDepends: libc6\nRecommends: systemd\nHomepage: https://github.com/sg/sg\nDescription: AWS-style security groups enforced in the Linux kernel with eBPF\n sg-agent turns EC2 security groups (a state file in a native format or\n AWS JSON) into BPF maps and enforces them with XDP or TC programs on\n ingress and a TC program on egress, with connection tracking.\n"
+            "Package: sg-agent\nVersion: {version}\nArchitecture: {arch}\nMaintainer: sg developers <sg@localhost>\nInstalled-Size: {installed_kib}\nSection: net\nPriority: optional\nDepends: libc6, procps\nRecommends: systemd\nHomepage: https://github.com/sg/sg\nDescription: AWS-style security groups enforced in the Linux kernel with eBPF\n sg-agent turns EC2 security groups (a state file in a native format or\n AWS JSON) into BPF maps and enforces them with XDP or TC programs on\n ingress and a TC program on egress, with connection tracking.\n"
         )
         .as_bytes(),
         0o644,
