@@ -58,7 +58,20 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> io::Result<()> {
     let on_bpffs = |p: &Path| p.exists() && is_bpffs(p);
     if !(on_bpffs(pin_dir) || pin_dir.parent().is_some_and(on_bpffs) || on_bpffs(&mount_at)) {
         log::info!("mounting bpffs at {}", mount_at.display());
-        mount_bpffs(&mount_at)?;
+        mount_bpffs(&mount_at).map_err(|e| {
+            if e.kind() == io::ErrorKind::PermissionDenied {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "no bpffs at {} and mounting one needs CAP_SYS_ADMIN ({e}); mount it first (`mount -t bpf bpf {}`; systemd does at boot)",
+                        mount_at.display(),
+                        mount_at.display()
+                    ),
+                )
+            } else {
+                e
+            }
+        })?;
     }
     std::fs::DirBuilder::new()
         .recursive(true)
