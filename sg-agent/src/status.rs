@@ -48,6 +48,8 @@ pub struct AgentView<'a> {
     pub last_lost: Option<SystemTime>,
     pub audit: bool,
     pub stats: &'a AgentStats,
+    /// The state source: a file, or etcd with its connection and revisions.
+    pub source: serde_json::Value,
 }
 
 /// What the running agent counts, for the metrics.
@@ -117,6 +119,8 @@ pub fn agent_document(v: &AgentView<'_>) -> String {
         "revalidate": v.revalidate,
         "audit": v.audit,
         "stats": v.stats,
+        "applied_revision": v.source["applied_revision"],
+        "source": v.source,
         "interfaces": interfaces,
         "orphaned": orphaned,
         "enforcement_lost": {

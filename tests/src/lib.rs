@@ -8,6 +8,7 @@
 //! - `wait_for`: conditions with a deadline instead of sleeps.
 
 pub mod bpf;
+pub mod etcd;
 pub mod fixtures;
 pub mod lab;
 pub mod netns;

@@ -27,10 +27,26 @@ use crate::{
     sys::{self, HostInterface},
 };
 
+mod etcd;
 mod persist;
 mod reconcile;
 mod ring;
 mod watch;
+
+pub use etcd::EtcdOptions;
+
+/// The first state an agent starts from.
+enum First {
+    File(Document, State),
+    Etcd {
+        revision: i64,
+        sha: String,
+        kvs: BTreeMap<String, String>,
+        state: State,
+    },
+    /// etcd did not answer: the pinned state is enforced meanwhile.
+    Unreachable(String),
+}
 
 pub use persist::{default_run_dir, holder, load_known, pinned_plan, run_dir_of};
 pub use reconcile::{bind, Orphan};
@@ -51,6 +67,8 @@ pub enum AgentError {
     },
     #[error("{iface} is a bond: XDP there sees its slaves' ifindexes and would enforce nothing; run with --ingress-hook tc")]
     XdpOnBond { iface: String },
+    #[error("etcd {0}")]
+    Etcd(String),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -77,6 +95,8 @@ pub struct RunOptions {
     /// Audit mode on every interface (SPEC §7).
     pub audit: bool,
     pub flow_log: Option<crate::flowlog::Options>,
+    /// Follow etcd instead of the state file (`opts.state` then only names it).
+    pub etcd: Option<EtcdOptions>,
     pub api: Option<SocketAddr>,
     pub sizes: MapSizes,
     /// Period of hot-plug detection and the polling fallback.
@@ -88,6 +108,7 @@ enum Event {
     StateChanged,
     Reload,
     Stop,
+    Etcd(etcd::EtcdEvent),
 }
 
 pub struct Agent {
@@ -129,18 +150,61 @@ pub struct Agent {
     stats: status::AgentStats,
     /// systemd's readiness and status protocol.
     notifier: crate::notify::Notifier,
+    /// What the agent knows of etcd, when it follows etcd.
+    etcd_view: Option<etcd::EtcdView>,
 }
 
 impl Agent {
     /// Validates the state, then adopts or creates the pins and enforces the state.
     /// Nothing is attached when the state is invalid.
     pub fn start(opts: RunOptions) -> Result<Agent, AgentError> {
-        // The file's identity is taken before it is read: a change written while the
-        // agent starts then differs from it, and the watcher's first wake-up applies it.
-        watch::wait_until_written(&opts.state)?;
-        let seen = watch::identity(&opts.state);
-        let (doc, state) = Document::load(&opts.state)?;
-        check_attach(&opts.attach, &state)?;
+        // The first state: the file's, or etcd's at one revision.
+        let mut seen = None;
+        let first = match &opts.etcd {
+            None => {
+                // The file's identity is taken before it is read: a change written while
+                // the agent starts then differs from it, and the watcher's first wake-up
+                // applies it.
+                watch::wait_until_written(&opts.state)?;
+                seen = watch::identity(&opts.state);
+                let (doc, state) = Document::load(&opts.state)?;
+                First::File(doc, state)
+            }
+            Some(e) => match e.client.list(&e.prefix, 1000) {
+                Ok((revision, kvs)) => {
+                    let kvs: BTreeMap<String, String> =
+                        kvs.into_iter().map(|(k, kv)| (k, kv.value)).collect();
+                    let doc = source::etcd::document(&e.prefix, &kvs)
+                        .map_err(|m| AgentError::Etcd(format!("{}: {m}", e.prefix)))?;
+                    let state = source::parse_str(&doc).map_err(|problems| {
+                        AgentError::State(source::StateError {
+                            file: PathBuf::from(format!(
+                                "etcd {} at revision {revision}",
+                                e.prefix
+                            )),
+                            problems,
+                        })
+                    })?;
+                    if state.security_groups.is_empty() && state.network_interfaces.is_empty() {
+                        return Err(AgentError::Etcd(format!(
+                            "{} at revision {revision} holds no state (an empty state is invalid); nothing was attached",
+                            e.prefix
+                        )));
+                    }
+                    First::Etcd {
+                        revision,
+                        sha: source::sha256_hex(doc.as_bytes()),
+                        kvs,
+                        state,
+                    }
+                }
+                Err(err) => First::Unreachable(err.to_string()),
+            },
+        };
+        match &first {
+            First::File(_, state) | First::Etcd { state, .. } => check_attach(&opts.attach, state)?,
+            First::Unreachable(_) => {}
+        }
         std::fs::create_dir_all(&opts.run_dir)
             .map_err(io(format!("creating {}", opts.run_dir.display())))?;
         let lock = persist::lock(&opts.run_dir, &opts.pin_dir)?;
@@ -173,6 +237,7 @@ impl Agent {
             reader: None,
             stats: status::AgentStats::default(),
             notifier: crate::notify::Notifier::from_env(),
+            etcd_view: None,
             _lock: lock,
             known,
             orphans: BTreeMap::new(),
@@ -195,7 +260,39 @@ impl Agent {
             seen: None,
         };
         agent.seen = seen;
-        agent.apply(state, reconcile::Content::Document(doc))?;
+        match first {
+            First::File(doc, state) => agent.apply(state, reconcile::Content::Document(doc))?,
+            First::Etcd {
+                revision,
+                sha,
+                kvs,
+                state,
+            } => {
+                agent.apply(state, reconcile::Content::Sha(sha))?;
+                agent.etcd_view = Some(etcd::EtcdView {
+                    kvs,
+                    revision,
+                    applied_revision: revision,
+                    connected: true,
+                    since: None,
+                });
+                agent.write_status();
+            }
+            First::Unreachable(e) => {
+                // A restarted agent enforces what is pinned at once, and catches up.
+                if agent.plan.interfaces.is_empty() {
+                    return Err(AgentError::Etcd(format!(
+                        "unreachable ({e}) and nothing is pinned to enforce meanwhile; nothing was attached"
+                    )));
+                }
+                log::warn!("etcd unreachable ({e}); enforcing the pinned state until it answers");
+                agent.etcd_view = Some(etcd::EtcdView {
+                    since: Some(std::time::SystemTime::now()),
+                    ..etcd::EtcdView::default()
+                });
+                agent.write_status();
+            }
+        }
         let reader = ring::Reader::open(
             &agent.opts.pin_dir,
             &agent.opts.run_dir,
@@ -213,7 +310,17 @@ impl Agent {
     pub fn run(mut self) -> Result<(), AgentError> {
         let (tx, rx) = mpsc::channel();
         watch::spawn_signals(tx.clone())?;
-        watch::spawn_watcher(&self.opts.state, tx);
+        match &self.opts.etcd {
+            None => watch::spawn_watcher(&self.opts.state, tx),
+            Some(e) => {
+                let resume = self
+                    .etcd_view
+                    .as_ref()
+                    .filter(|v| v.revision > 0)
+                    .map(|v| v.revision);
+                etcd::spawn(e.clone(), resume, tx);
+            }
+        }
         if let Some(addr) = self.opts.api {
             crate::api::serve(
                 addr,
@@ -247,10 +354,13 @@ impl Agent {
                     if let Some(f) = &self.flow_log {
                         f.lock().unwrap_or_else(|p| p.into_inner()).reopen();
                     }
-                    self.reload(true);
+                    if self.opts.etcd.is_none() {
+                        self.reload(true);
+                    }
                     self.notifier.reloaded(&self.status_line());
                 }
                 Ok(Event::StateChanged) => self.reload(false),
+                Ok(Event::Etcd(e)) => self.on_etcd(e),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
             }
@@ -265,8 +375,10 @@ impl Agent {
             self.next_tick = now + self.opts.tick;
             self.check_enforcement();
             self.hot_plug();
-            // Polling fallback for file changes inotify could not see.
-            self.reload(false);
+            if self.opts.etcd.is_none() {
+                // Polling fallback for file changes inotify could not see.
+                self.reload(false);
+            }
         }
         if now >= self.next_gc {
             self.next_gc = now + self.opts.gc_interval;
@@ -366,12 +478,36 @@ impl Agent {
             last_lost: self.last_lost,
             audit: self.opts.audit,
             stats: &self.stats,
+            source: self.source_json(),
         });
         if let Err(e) = self.dp.write_status(&doc) {
             log::warn!("writing status: {e}");
         }
         *self.status.lock().unwrap_or_else(|p| p.into_inner()) = doc;
         self.notifier.status(&self.status_line());
+    }
+
+    /// Where the state comes from, for status (SPEC §5).
+    fn source_json(&self) -> serde_json::Value {
+        match (&self.opts.etcd, &self.etcd_view) {
+            (Some(e), Some(v)) => serde_json::json!({
+                "kind": "etcd",
+                "endpoints": e.client.endpoints(),
+                "prefix": e.prefix,
+                "connected": v.connected,
+                "disconnected_since_unix": v.since.map(|t| t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)),
+                "disconnected_seconds": v.since.map(|t| t.elapsed().map(|d| d.as_secs()).unwrap_or(0)),
+                "revision": v.revision,
+                "applied_revision": v.applied_revision,
+            }),
+            (Some(e), None) => serde_json::json!({
+                "kind": "etcd",
+                "endpoints": e.client.endpoints(),
+                "prefix": e.prefix,
+                "connected": false,
+            }),
+            _ => serde_json::json!({ "kind": "file", "path": self.opts.state }),
+        }
     }
 
     /// One line for systemd's `STATUS=`: the applied state, the interfaces, the last error.

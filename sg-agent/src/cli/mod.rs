@@ -14,6 +14,7 @@ mod detach;
 mod diff;
 mod inspect;
 mod observe;
+mod publish;
 mod run;
 
 pub use check::ExplainArgs;
@@ -122,6 +123,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Publish a state file to etcd (SPEC §8): validate, then write only what differs,
+    /// in guarded transactions.
+    Publish(publish::PublishArgs),
     /// Print a shell completion script (bash, zsh or fish) to stdout.
     Completions {
         #[arg(value_enum)]
@@ -180,6 +184,7 @@ pub fn main(cli: Cli) -> ExitCode {
             pin_dir,
             json,
         } => diff::diff(&state, &pin_dir, json),
+        Command::Publish(args) => publish::publish(&args),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             let mut out = Vec::new();

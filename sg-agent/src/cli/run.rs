@@ -26,10 +26,17 @@ pub enum Hook {
 }
 
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["state", "etcd"])))]
 pub struct RunArgs {
     /// State file (native TOML or AWS JSON); watched for changes.
     #[arg(long)]
-    pub state: PathBuf,
+    pub state: Option<PathBuf>,
+    /// Follow etcd instead (SPEC §8): endpoints, comma-separated (http://HOST:PORT).
+    #[arg(long, value_name = "URLS")]
+    pub etcd: Option<String>,
+    /// Key prefix in etcd.
+    #[arg(long, default_value = crate::source::etcd::DEFAULT_PREFIX, requires = "etcd")]
+    pub etcd_prefix: String,
     /// Bind a local interface to a network interface of the state explicitly.
     #[arg(long, value_name = "IFACE=ENI", value_parser = parse_attach)]
     pub attach: Vec<(String, String)>,
@@ -92,8 +99,35 @@ pub(super) fn run(a: RunArgs) -> ExitCode {
         .run_dir
         .clone()
         .unwrap_or_else(|| agent::default_run_dir(&a.pin_dir));
+    let etcd = match &a.etcd {
+        None => None,
+        Some(urls) => match crate::source::etcd::Client::new(urls) {
+            Ok(client) if a.etcd_prefix.starts_with('/') && a.etcd_prefix.ends_with('/') => {
+                Some(agent::EtcdOptions {
+                    client,
+                    prefix: a.etcd_prefix.clone(),
+                })
+            }
+            Ok(_) => {
+                eprintln!(
+                    "sg-agent run: --etcd-prefix {:?}: starts and ends with /",
+                    a.etcd_prefix
+                );
+                return ExitCode::from(super::EXIT_USAGE);
+            }
+            Err(e) => {
+                eprintln!("sg-agent run: {e}");
+                return ExitCode::from(super::EXIT_USAGE);
+            }
+        },
+    };
     let opts = RunOptions {
-        state: a.state,
+        state: match (&a.state, &a.etcd) {
+            (Some(s), _) => s.clone(),
+            (None, Some(urls)) => PathBuf::from(format!("etcd:{urls}{}", a.etcd_prefix)),
+            (None, None) => unreachable!("clap requires --state or --etcd"),
+        },
+        etcd,
         attach: a.attach,
         pin_dir: a.pin_dir,
         run_dir,

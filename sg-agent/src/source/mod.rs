@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 mod aws;
 mod document;
 mod error;
+pub mod etcd;
 mod file;
 mod native;
 
@@ -128,6 +129,30 @@ pub fn parse_text(path: &Path, bytes: &[u8]) -> Result<State, StateError> {
         file: path.to_path_buf(),
         problems,
     })
+}
+
+/// Parses state text in either format without checking it as a whole (references,
+/// uniqueness): for a part of a state, such as the file of `publish --merge`, which is
+/// validated once merged. Syntax and field problems are still errors.
+pub fn parse_part(text: &str) -> Result<State, Vec<Problem>> {
+    let text = without_bom(text);
+    let parsed = if is_aws_json(text) {
+        aws::parse(text)
+    } else {
+        native::parse(text)
+    };
+    parsed.map(|(state, _, _)| state).map_err(in_file_order)
+}
+
+/// Validates a state assembled from parts (peer kinds resolved against the whole).
+pub fn validate_whole(state: State) -> Result<State, Vec<Problem>> {
+    let state = resolve_peer_kinds(state);
+    let problems = state.validate();
+    if problems.is_empty() {
+        Ok(state)
+    } else {
+        Err(in_file_order(problems))
+    }
 }
 
 /// Parses and validates state text in either format.

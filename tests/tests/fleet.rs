@@ -1,0 +1,364 @@
+//! A fleet following one etcd (SPEC §8), with real agents in namespaces and a real etcd
+//! (Debian's 3.4) in a lab host of its own: the two tiers from etcd, publish's contract,
+//! an ENI joining and leaving, an etcd crash during changes, a compacted revision.
+
+use std::{
+    process::Output,
+    time::{Duration, Instant},
+};
+
+use sg_tests::{
+    etcd::Etcd,
+    lab::{agent_bin, example, tcp, write_state, AgentProc, Host, Lab, TempDir, WEB3_MAC},
+    privileges::require_root,
+    wait_for,
+};
+
+fn publish(etcd: &Etcd, file: &std::path::Path, extra: &[&str]) -> Output {
+    etcd.host
+        .cmd(agent_bin())
+        .args(["publish", "--etcd", &etcd.url(), "--state"])
+        .arg(file)
+        .args(extra)
+        .output()
+        .expect("sg-agent publish")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `sg-agent run --etcd URL` on `h`.
+fn start_agent(h: &Host, etcd: &Etcd, log: &std::path::Path) -> AgentProc {
+    let log_file = std::fs::File::create(log).expect("log");
+    let child = h
+        .cmd(agent_bin())
+        .args(["run", "--etcd", &etcd.url()])
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .expect("sg-agent");
+    AgentProc {
+        child,
+        log: log.to_path_buf(),
+    }
+}
+
+/// Waits until the agent on `h` has applied etcd's `revision` (or a later one).
+fn wait_revision(h: &Host, agent: &mut AgentProc, revision: i64) -> serde_json::Value {
+    wait_for(
+        &format!("{} to apply etcd revision {revision}", h.name),
+        Duration::from_secs(20),
+        || {
+            if let Ok(Some(st)) = agent.child.try_wait() {
+                panic!(
+                    "sg-agent on {} exited ({st}):\n{}",
+                    h.name,
+                    agent.log_text()
+                );
+            }
+            let s = h.status()?;
+            (s["agent_pid"].as_u64() == Some(agent.child.id() as u64)
+                && s["source"]["applied_revision"].as_i64()? >= revision)
+                .then_some(s)
+        },
+    )
+}
+
+fn revision_of(o: &Output) -> i64 {
+    let t = text(o);
+    t.rsplit("revision ")
+        .next()
+        .and_then(|r| r.trim().trim_end_matches(')').parse().ok())
+        .unwrap_or_else(|| panic!("a revision in: {t}"))
+}
+
+/// web3's interface alone: published with --merge, it references web-sg in etcd.
+const WEB3: &str = r#"{"NetworkInterfaces": [{"NetworkInterfaceId": "eni-0000000000000web3", "MacAddress": "02:5e:00:00:01:03", "PrivateIpAddresses": [{"PrivateIpAddress": "198.18.1.13"}], "Groups": [{"GroupId": "sg-0a00000000000web"}]}]}"#;
+
+#[test]
+fn a_fleet_follows_etcd_publish_is_exact_and_an_eni_joins_and_leaves() {
+    if !require_root("a_fleet_follows_etcd_publish_is_exact_and_an_eni_joins_and_leaves") {
+        return;
+    }
+    let mut t = Lab::two_tier();
+    let web3 = t.lab.host("web3", WEB3_MAC, &["198.18.1.13/16"]);
+    let mut etcd = Etcd::start(&mut t.lab);
+    let dir = TempDir::new("fleet");
+    let state = dir.path("two-tier.json");
+    write_state(&state, &example("two-tier.json"));
+
+    // publish: validation first, then exactly the objects; a second publish writes
+    // nothing; --dry-run writes nothing.
+    let bad = dir.path("bad.json");
+    std::fs::write(&bad, r#"{"SecurityGroups": [{"GroupId": "sg-1", "IpPermissions": [{"IpProtocol": "tcp", "FromPort": 1, "ToPort": 99999, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]}]}"#).unwrap();
+    let o = publish(&etcd, &bad, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("nothing was published"), "{}", text(&o));
+    let dry = publish(&etcd, &state, &["--dry-run"]);
+    assert!(dry.status.success(), "{}", text(&dry));
+    assert!(
+        text(&dry).contains("create /sg/v1/security-groups/sg-0a000000000000db"),
+        "{}",
+        text(&dry)
+    );
+    let first = publish(&etcd, &state, &[]);
+    assert!(first.status.success(), "{}", text(&first));
+    assert!(
+        text(&first).contains("published 5 object(s), deleted 0"),
+        "{}",
+        text(&first)
+    );
+    let again = publish(&etcd, &state, &[]);
+    assert!(
+        text(&again).contains("nothing to publish"),
+        "{}",
+        text(&again)
+    );
+    let rev = revision_of(&again);
+
+    // Agents on web1 and db follow it: the two tiers are enforced.
+    let mut db = start_agent(&t.db, &etcd, &dir.path("db.log"));
+    let mut web1 = start_agent(&t.web1, &etcd, &dir.path("web1.log"));
+    let st = wait_revision(&t.db, &mut db, rev);
+    assert_eq!(st["source"]["kind"], "etcd");
+    assert_eq!(st["source"]["connected"], true);
+    wait_revision(&t.web1, &mut web1, rev);
+    assert!(tcp::reaches(&t.web1.ns, "198.18.2.21:3306"));
+    assert!(!tcp::reaches(&t.outsider.ns, "198.18.2.21:3306"));
+    assert!(
+        !tcp::reaches(&web3.ns, "198.18.2.21:3306"),
+        "web3 is not in web-sg yet"
+    );
+    assert!(tcp::reaches(&t.outsider.ns, "198.18.1.11:80"));
+
+    // web3 launches: one `publish --merge` of its interface; the database admits it.
+    let part = dir.path("web3.json");
+    std::fs::write(&part, WEB3).unwrap();
+    let published = Instant::now();
+    let o = publish(&etcd, &part, &["--merge"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("published 1 object(s)"), "{}", text(&o));
+    wait_for(
+        "web3 admitted to the database",
+        Duration::from_secs(10),
+        || tcp::reaches(&web3.ns, "198.18.2.21:3306").then_some(()),
+    );
+    eprintln!(
+        "web3: first admitted connection {:?} after publish --merge",
+        published.elapsed()
+    );
+    let log = std::fs::read_to_string(dir.path("db.log")).unwrap();
+    assert!(
+        log.contains("+members 1 [eni-0000000000000web3 in sg-0a00000000000web]"),
+        "{log}"
+    );
+
+    // Leaving: the file without web3 would delete it: refused without --prune.
+    let o = publish(&etcd, &state, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("/sg/v1/network-interfaces/eni-0000000000000web3"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        tcp::reaches(&web3.ns, "198.18.2.21:3306"),
+        "nothing was deleted"
+    );
+    let o = publish(&etcd, &state, &["--prune"]);
+    assert!(text(&o).contains("deleted 1"), "{}", text(&o));
+    let rev = revision_of(&o);
+    wait_revision(&t.db, &mut db, rev);
+    assert!(
+        !tcp::reaches(&web3.ns, "198.18.2.21:3306"),
+        "web3 left web-sg"
+    );
+
+    // An invalid combined state (a merge that references nothing) is refused by publish;
+    // written behind publish's back, the agents keep the last valid state.
+    let broken = r#"{"NetworkInterfaces": [{"NetworkInterfaceId": "eni-x", "PrivateIpAddresses": [{"PrivateIpAddress": "198.18.9.9"}], "Groups": [{"GroupId": "sg-missing"}]}]}"#;
+    let part = dir.path("broken.json");
+    std::fs::write(&part, broken).unwrap();
+    let o = publish(&etcd, &part, &["--merge"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("sg-missing"), "{}", text(&o));
+    let client = sg_agent::source::etcd::Client::new(&etcd.url()).unwrap();
+    let (ok, rev) = etcd
+        .host
+        .ns
+        .enter(|| {
+            client.txn(
+                &[sg_agent::source::etcd::Op::Put {
+                    key: "/sg/v1/network-interfaces/eni-x".into(),
+                    value: serde_json::from_str::<serde_json::Value>(broken).unwrap()
+                        ["NetworkInterfaces"][0]
+                        .to_string(),
+                }],
+                &Default::default(),
+            )
+        })
+        .expect("txn");
+    assert!(ok);
+    let st = wait_for(
+        "the agent to report the invalid state",
+        Duration::from_secs(10),
+        || {
+            let s = t.db.status()?;
+            s["last_error"]
+                .as_str()?
+                .contains("sg-missing")
+                .then_some(s)
+        },
+    );
+    assert!(
+        st["source"]["applied_revision"].as_i64().unwrap() < rev,
+        "{st}"
+    );
+    assert!(
+        tcp::reaches(&t.web1.ns, "198.18.2.21:3306"),
+        "the last valid state stays"
+    );
+    assert!(!tcp::reaches(&t.outsider.ns, "198.18.2.21:3306"));
+    // Repaired by a publish: applied.
+    let o = publish(&etcd, &state, &["--prune"]);
+    let rev = revision_of(&o);
+    let st = wait_revision(&t.db, &mut db, rev);
+    assert!(st["last_error"].is_null(), "{st}");
+
+    // etcd crashes: enforcement goes on with the last valid state, status says since
+    // when; no map changes meanwhile; back, it resumes from its revision.
+    let ops_before = t.db.status().unwrap()["stats"]["map_operations"]
+        .as_u64()
+        .unwrap();
+    etcd.kill();
+    let st = wait_for(
+        "status to say disconnected",
+        Duration::from_secs(10),
+        || {
+            let s = t.db.status()?;
+            (s["source"]["connected"] == false).then_some(s)
+        },
+    );
+    assert!(
+        st["source"]["disconnected_since_unix"].as_u64().is_some(),
+        "{st}"
+    );
+    assert!(tcp::reaches(&t.web1.ns, "198.18.2.21:3306"));
+    assert!(!tcp::reaches(&t.outsider.ns, "198.18.2.21:3306"));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        t.db.status().unwrap()["stats"]["map_operations"]
+            .as_u64()
+            .unwrap(),
+        ops_before,
+        "no map change while etcd is down"
+    );
+    // A restarted agent enforces the pinned state at once, even with etcd down.
+    db.stop();
+    let mut db = start_agent(&t.db, &etcd, &dir.path("db2.log"));
+    wait_for("the restarted agent", Duration::from_secs(10), || {
+        let s = t.db.status()?;
+        (s["agent_pid"].as_u64() == Some(db.child.id() as u64)).then_some(())
+    });
+    assert!(!tcp::reaches(&t.outsider.ns, "198.18.2.21:3306"));
+    assert!(tcp::reaches(&t.web1.ns, "198.18.2.21:3306"));
+    etcd.run();
+    let part = dir.path("web3.json");
+    std::fs::write(&part, WEB3).unwrap();
+    let o = publish(&etcd, &part, &["--merge"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let rev = revision_of(&o);
+    let st = wait_revision(&t.db, &mut db, rev);
+    assert_eq!(st["source"]["connected"], true, "{st}");
+    wait_for(
+        "web3 admitted after etcd came back",
+        Duration::from_secs(10),
+        || tcp::reaches(&web3.ns, "198.18.2.21:3306").then_some(()),
+    );
+    drop(web1);
+    drop(db);
+    let _ = etcd.log();
+}
+
+#[test]
+fn a_compacted_revision_and_a_concurrent_publish_are_handled() {
+    if !require_root("a_compacted_revision_and_a_concurrent_publish_are_handled") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let etcd = Etcd::start(&mut lab);
+    let client = sg_agent::source::etcd::Client::new(&etcd.url()).unwrap();
+    let put = |k: &str, v: &str, expect: i64| {
+        let mut e = std::collections::BTreeMap::new();
+        e.insert(k.to_string(), expect);
+        etcd.host.ns.enter(|| {
+            client.txn(
+                &[sg_agent::source::etcd::Op::Put {
+                    key: k.into(),
+                    value: v.into(),
+                }],
+                &e,
+            )
+        })
+    };
+    let (ok, r1) = put("/sg/v1/security-groups/a", "1", 0).unwrap();
+    assert!(ok);
+    // A guarded write with a stale revision is refused: how publish detects a
+    // concurrent publisher.
+    let (ok, _) = put("/sg/v1/security-groups/a", "2", 0).unwrap();
+    assert!(!ok, "a stale guard must fail");
+    let (ok, r2) = put("/sg/v1/security-groups/a", "3", r1).unwrap();
+    assert!(ok);
+    // Listing pages through a prefix at one revision.
+    for i in 0..25 {
+        put(&format!("/sg/v1/network-interfaces/eni-{i:02}"), "{}", 0).unwrap();
+    }
+    let (rev, kvs) = etcd.host.ns.enter(|| client.list("/sg/", 10)).unwrap();
+    assert_eq!(kvs.len(), 26);
+    assert!(rev > r2);
+    // After a compaction, a watch from an older revision says so (the agent lists again).
+    etcd.host.ns.enter(|| client.compact(rev)).unwrap();
+    let r = etcd.host.ns.enter(|| client.watch("/sg/", r1, |_| true));
+    assert!(
+        matches!(r, Err(sg_agent::source::etcd::EtcdError::Compacted(_))),
+        "{r:?}"
+    );
+    // A watch from the current revision sees a deletion as a deletion.
+    let mut seen = vec![];
+    etcd.host.ns.enter(|| {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(300));
+                let mut e = std::collections::BTreeMap::new();
+                e.insert("/sg/v1/network-interfaces/eni-00".to_string(), 0);
+                let _ = client.txn(
+                    &[sg_agent::source::etcd::Op::Delete {
+                        key: "/sg/v1/network-interfaces/eni-00".into(),
+                    }],
+                    &{
+                        let (_, kvs) = client.list("/sg/v1/network-interfaces/eni-00", 1).unwrap();
+                        kvs.into_iter()
+                            .map(|(k, kv)| (k, kv.mod_revision))
+                            .collect()
+                    },
+                );
+                drop(e);
+            });
+            let _ = client.watch("/sg/", rev + 1, |c| {
+                seen.extend(c.changes);
+                false
+            });
+        })
+    });
+    assert_eq!(
+        seen,
+        vec![("/sg/v1/network-interfaces/eni-00".to_string(), None)]
+    );
+}
