@@ -91,6 +91,17 @@ impl Etcd {
         }
     }
 
+    /// `sg-agent publish --etcd URL --state FILE EXTRA…`, run on the etcd host.
+    pub fn publish(&self, file: &std::path::Path, extra: &[&str]) -> std::process::Output {
+        self.host
+            .cmd(crate::lab::agent_bin())
+            .args(["publish", "--etcd", &self.url(), "--state"])
+            .arg(file)
+            .args(extra)
+            .output()
+            .expect("sg-agent publish")
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path("etcd.log")).unwrap_or_default()
     }
@@ -100,4 +111,17 @@ impl Drop for Etcd {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The revision `publish` reports ("… revision N").
+pub fn revision_of(o: &std::process::Output) -> i64 {
+    let t = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    t.rsplit("revision ")
+        .next()
+        .and_then(|r| r.trim().trim_end_matches(')').parse().ok())
+        .unwrap_or_else(|| panic!("a revision in: {t}"))
 }

@@ -187,11 +187,18 @@ impl Host {
     /// Starts `sg-agent run --state STATE --pin-dir /sys/fs/bpf/sg ARGS…`, logging to
     /// `log` (stderr).
     pub fn start_agent(&self, state: &Path, args: &[&str], log: &Path) -> AgentProc {
+        let state = state.to_str().expect("state path");
+        let mut all = vec!["--state", state];
+        all.extend_from_slice(args);
+        self.run_agent(&all, log)
+    }
+
+    /// Starts `sg-agent run ARGS…` (a state source among them), logging to `log`.
+    pub fn run_agent(&self, args: &[&str], log: &Path) -> AgentProc {
         let log_file = File::create(log).expect("agent log");
         let child = self
             .cmd(agent_bin())
-            .args(["run", "--state"])
-            .arg(state)
+            .arg("run")
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -234,6 +241,27 @@ impl Host {
                 (mine && s["applied_state_sha256"].as_str() == Some(sha256)).then_some(())
             },
         );
+    }
+
+    /// Waits until the agent reports etcd's `revision` (or a later one) as applied.
+    pub fn wait_revision(&self, revision: i64, agent: &mut AgentProc) -> serde_json::Value {
+        wait_for(
+            &format!("{} to apply etcd revision {revision}", self.name),
+            Duration::from_secs(20),
+            || {
+                if let Ok(Some(st)) = agent.child.try_wait() {
+                    panic!(
+                        "sg-agent on {} exited ({st}):\n{}",
+                        self.name,
+                        agent.log_text()
+                    );
+                }
+                let s = self.status()?;
+                (s["agent_pid"].as_u64() == Some(agent.child.id() as u64)
+                    && s["source"]["applied_revision"].as_i64()? >= revision)
+                    .then_some(s)
+            },
+        )
     }
 
     pub fn ping(&self, addr: &str) -> bool {

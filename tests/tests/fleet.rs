@@ -8,20 +8,14 @@ use std::{
 };
 
 use sg_tests::{
-    etcd::Etcd,
+    etcd::{revision_of, Etcd},
     lab::{agent_bin, example, tcp, write_state, AgentProc, Host, Lab, TempDir, WEB3_MAC},
     privileges::require_root,
     wait_for,
 };
 
 fn publish(etcd: &Etcd, file: &std::path::Path, extra: &[&str]) -> Output {
-    etcd.host
-        .cmd(agent_bin())
-        .args(["publish", "--etcd", &etcd.url(), "--state"])
-        .arg(file)
-        .args(extra)
-        .output()
-        .expect("sg-agent publish")
+    etcd.publish(file, extra)
 }
 
 fn text(o: &Output) -> String {
@@ -34,49 +28,12 @@ fn text(o: &Output) -> String {
 
 /// `sg-agent run --etcd URL` on `h`.
 fn start_agent(h: &Host, etcd: &Etcd, log: &std::path::Path) -> AgentProc {
-    let log_file = std::fs::File::create(log).expect("log");
-    let child = h
-        .cmd(agent_bin())
-        .args(["run", "--etcd", &etcd.url()])
-        .env("RUST_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log_file)
-        .spawn()
-        .expect("sg-agent");
-    AgentProc {
-        child,
-        log: log.to_path_buf(),
-    }
+    h.run_agent(&["--etcd", &etcd.url()], log)
 }
 
 /// Waits until the agent on `h` has applied etcd's `revision` (or a later one).
 fn wait_revision(h: &Host, agent: &mut AgentProc, revision: i64) -> serde_json::Value {
-    wait_for(
-        &format!("{} to apply etcd revision {revision}", h.name),
-        Duration::from_secs(20),
-        || {
-            if let Ok(Some(st)) = agent.child.try_wait() {
-                panic!(
-                    "sg-agent on {} exited ({st}):\n{}",
-                    h.name,
-                    agent.log_text()
-                );
-            }
-            let s = h.status()?;
-            (s["agent_pid"].as_u64() == Some(agent.child.id() as u64)
-                && s["source"]["applied_revision"].as_i64()? >= revision)
-                .then_some(s)
-        },
-    )
-}
-
-fn revision_of(o: &Output) -> i64 {
-    let t = text(o);
-    t.rsplit("revision ")
-        .next()
-        .and_then(|r| r.trim().trim_end_matches(')').parse().ok())
-        .unwrap_or_else(|| panic!("a revision in: {t}"))
+    h.wait_revision(revision, agent)
 }
 
 /// web3's interface alone: published with --merge, it references web-sg in etcd.
@@ -281,6 +238,26 @@ fn a_fleet_follows_etcd_publish_is_exact_and_an_eni_joins_and_leaves() {
         "web3 admitted after etcd came back",
         Duration::from_secs(10),
         || tcp::reaches(&web3.ns, "198.18.2.21:3306").then_some(()),
+    );
+    // Compaction while an agent is stopped: it lists again and applies the deletion.
+    db.stop();
+    let o = publish(&etcd, &state, &["--prune"]);
+    assert!(text(&o).contains("deleted 1"), "{}", text(&o));
+    let rev = revision_of(&o);
+    let client = sg_agent::source::etcd::Client::new(&etcd.url()).unwrap();
+    etcd.host
+        .ns
+        .enter(|| client.compact(rev))
+        .expect("compaction");
+    assert!(
+        tcp::reaches(&web3.ns, "198.18.2.21:3306"),
+        "the stopped agent's pins still admit web3"
+    );
+    let mut db = start_agent(&t.db, &etcd, &dir.path("db3.log"));
+    wait_revision(&t.db, &mut db, rev);
+    assert!(
+        !tcp::reaches(&web3.ns, "198.18.2.21:3306"),
+        "the deletion is applied after the relist"
     );
     drop(web1);
     drop(db);

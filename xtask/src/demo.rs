@@ -4,12 +4,15 @@ use std::{path::Path, process::Command};
 
 use anyhow::{bail, Context, Result};
 
-pub fn run(agent: &Path, keep: bool) -> Result<()> {
+pub fn run(agent: &Path, keep: bool, etcd: bool) -> Result<()> {
     let bin = crate::build_bin("sg-tests", "sg-demo")?;
     let mut cmd = Command::new(bin);
     cmd.env("SG_AGENT_BIN", agent);
     if keep {
         cmd.arg("--keep");
+    }
+    if etcd {
+        cmd.arg("--etcd");
     }
     let st = cmd.status().context("running the demo")?;
     if !st.success() {

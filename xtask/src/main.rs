@@ -47,6 +47,9 @@ enum Task {
         /// Leave the lab up for exploring.
         #[arg(long)]
         keep: bool,
+        /// Every server's agent follows one etcd; web3's launch is one publish --merge.
+        #[arg(long)]
+        etcd: bool,
     },
     /// Build the Debian package (target/debian/sg-agent_VERSION_ARCH.deb) with dpkg-deb.
     Package,
@@ -73,7 +76,7 @@ fn main() -> ExitCode {
         Task::Build => build_agent().map(|_| ()),
         Task::Run { args } => run(&args),
         Task::Test { args } => test(&args),
-        Task::Demo { keep } => build_agent().and_then(|agent| demo::run(&agent, keep)),
+        Task::Demo { keep, etcd } => build_agent().and_then(|agent| demo::run(&agent, keep, etcd)),
         Task::Package => build_agent()
             .and_then(|agent| package::build(&agent))
             .map(|_| ()),

@@ -183,10 +183,12 @@ pub fn build(agent: &Path) -> Result<PathBuf> {
         ("docs/state-format.md", "state-format.md"),
         ("docs/observability.md", "observability.md"),
         ("docs/deploy.md", "deploy.md"),
+        ("docs/fleet.md", "fleet.md"),
         ("docs/design.md", "design.md"),
         ("examples/two-tier.toml", "examples/two-tier.toml"),
         ("examples/two-tier.json", "examples/two-tier.json"),
         ("deploy/api.conf", "examples/api.conf"),
+        ("deploy/etcd.conf", "examples/etcd.conf"),
     ] {
         write(
             &at(&format!("{doc}/{to}")),

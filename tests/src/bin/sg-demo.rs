@@ -11,6 +11,7 @@ use std::{
 };
 
 use sg_tests::{
+    etcd::{revision_of, Etcd},
     lab::{agent_bin, tcp, write_state, AgentProc, Host, Lab, TempDir},
     privileges::require_root,
     wait_for,
@@ -24,6 +25,9 @@ struct Check {
 
 fn main() -> ExitCode {
     let keep = std::env::args().any(|a| a == "--keep");
+    // --etcd: every server's agent follows one etcd (SPEC §8); web3's launch is one
+    // `publish --merge`.
+    let fleet = std::env::args().any(|a| a == "--etcd");
     if !require_root("demo") {
         return ExitCode::FAILURE;
     }
@@ -81,10 +85,35 @@ fn main() -> ExitCode {
     let dir = TempDir::new("demo");
     let state = dir.path("state.toml");
     let sha = write_state(&state, &base);
-    println!(
-        "== starting one sg-agent per server, all with {}",
-        state.display()
-    );
+    let etcd = fleet.then(|| {
+        println!(
+            "== starting etcd ({}) in a host of its own, and publishing the state to it",
+            sg_tests::etcd::ETCD_ADDR
+        );
+        let etcd = Etcd::start(&mut lab);
+        let out = etcd.publish(&state, &[]);
+        print!(
+            "  sg-agent publish: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(
+            out.status.success(),
+            "publish: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let revision = revision_of(&out);
+        (etcd, revision)
+    });
+    match &etcd {
+        None => println!(
+            "== starting one sg-agent per server, all with {}",
+            state.display()
+        ),
+        Some((e, _)) => println!(
+            "== starting one sg-agent per server, all following {}",
+            e.url()
+        ),
+    }
     let servers: [&Host; 4] = [&web1, &web2, &db, &web3];
     // The database's agent also writes VPC Flow Logs (1 s intervals, to show them below).
     let flow_log = dir.path("db-flow.log");
@@ -94,15 +123,27 @@ fn main() -> ExitCode {
         "--flow-log-interval",
         "1",
     ];
+    let source: Vec<String> = match &etcd {
+        None => vec!["--state".into(), state.to_str().expect("path").into()],
+        Some((e, _)) => vec!["--etcd".into(), e.url()],
+    };
     let mut agents: Vec<AgentProc> = servers
         .iter()
         .map(|h| {
-            let args: &[&str] = if h.name == "db" { &db_args } else { &[] };
-            h.start_agent(&state, args, &dir.path(&format!("{}.log", h.name)))
+            let mut args: Vec<&str> = source.iter().map(String::as_str).collect();
+            if h.name == "db" {
+                args.extend_from_slice(&db_args);
+            }
+            h.run_agent(&args, &dir.path(&format!("{}.log", h.name)))
         })
         .collect();
     for (h, a) in servers.iter().zip(agents.iter_mut()) {
-        h.wait_applied(&sha, a);
+        match &etcd {
+            None => h.wait_applied(&sha, a),
+            Some((_, revision)) => {
+                h.wait_revision(*revision, a);
+            }
+        }
     }
 
     let mut checks = Vec::new();
@@ -218,12 +259,31 @@ fn main() -> ExitCode {
         observed: db.ping("198.18.200.1"),
     });
 
-    println!("== scaling the web tier: web3 joins web-sg in the state file");
-    let scaled = format!(
-        "{base}\n[[interface]]\nid = \"eni-0000000000000web3\"\nmac = \"02:5e:00:00:01:03\"\nipv4 = [\"198.18.1.13\"]\nipv6 = [\"2001:db8:1::13\"]\ngroups = [\"sg-0a00000000000web\"]\n"
-    );
+    let web3_interface = "[[interface]]\nid = \"eni-0000000000000web3\"\nmac = \"02:5e:00:00:01:03\"\nipv4 = [\"198.18.1.13\"]\nipv6 = [\"2001:db8:1::13\"]\ngroups = [\"sg-0a00000000000web\"]\n";
+    let scaled = format!("{base}\n{web3_interface}");
     let changed = Instant::now();
-    let sha = write_state(&state, &scaled);
+    let (sha, revision) = match &etcd {
+        None => {
+            println!("== scaling the web tier: web3 joins web-sg in the state file");
+            (write_state(&state, &scaled), 0)
+        }
+        Some((e, _)) => {
+            println!("== scaling the web tier: web3 launches, one `sg-agent publish --merge` of its interface");
+            let part = dir.path("web3.toml");
+            std::fs::write(&part, web3_interface).expect("web3.toml");
+            let out = e.publish(&part, &["--merge"]);
+            print!(
+                "  sg-agent publish --merge: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            assert!(
+                out.status.success(),
+                "publish --merge: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (String::new(), revision_of(&out))
+        }
+    };
     let admitted = loop {
         if tcp::connect(&web3.ns, "198.18.2.21:3306", None, Duration::from_millis(5)).is_ok() {
             break Some(changed.elapsed());
@@ -233,7 +293,12 @@ fn main() -> ExitCode {
         }
     };
     for (h, a) in servers.iter().zip(agents.iter_mut()) {
-        h.wait_applied(&sha, a);
+        match &etcd {
+            None => h.wait_applied(&sha, a),
+            Some(_) => {
+                h.wait_revision(revision, a);
+            }
+        }
     }
     run(
         &mut checks,
@@ -287,7 +352,15 @@ fn main() -> ExitCode {
         );
     }
     match admitted {
-        Some(t) => println!("\nweb3 joined web-sg: first admitted connection to the database {:.1} ms after the state file changed", t.as_secs_f64() * 1000.0),
+        Some(t) => println!(
+            "\nweb3 joined web-sg: first admitted connection to the database {:.1} ms after {}",
+            t.as_secs_f64() * 1000.0,
+            if etcd.is_some() {
+                "`sg-agent publish --merge` started (its own run included)"
+            } else {
+                "the state file changed"
+            }
+        ),
         None => {
             println!("\nweb3 joined web-sg: no admitted connection within 10 s");
             failures += 1;
