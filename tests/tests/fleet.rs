@@ -9,7 +9,7 @@ use std::{
 
 use sg_tests::{
     etcd::{revision_of, Etcd},
-    lab::{agent_bin, example, tcp, write_state, AgentProc, Host, Lab, TempDir, WEB3_MAC},
+    lab::{example, tcp, write_state, AgentProc, Host, Lab, TempDir, WEB3_MAC},
     privileges::require_root,
     wait_for,
 };
