@@ -339,3 +339,97 @@ fn a_compacted_revision_and_a_concurrent_publish_are_handled() {
         vec![("/sg/v1/network-interfaces/eni-00".to_string(), None)]
     );
 }
+
+#[test]
+fn tls_with_client_certificates_and_a_read_only_role_for_agents() {
+    if !require_root("tls_with_client_certificates_and_a_read_only_role_for_agents") {
+        return;
+    }
+    let mut t = Lab::two_tier();
+    let etcd = Etcd::start_tls(&mut t.lab);
+    let certs = etcd.certs();
+    std::fs::write(certs.join("root.password"), "root-secret\n").unwrap();
+    std::fs::write(certs.join("agent.password"), "agent-secret\n").unwrap();
+    // Users and roles (etcdctl speaks gRPC, where the certificate's CN is the user):
+    // agents get read access to the prefix only.
+    for args in [
+        &["user", "add", "root", "--new-user-password=root-secret"][..],
+        &["role", "add", "sg-reader"],
+        &[
+            "role",
+            "grant-permission",
+            "sg-reader",
+            "read",
+            "/sg/",
+            "--prefix=true",
+        ],
+        &[
+            "user",
+            "add",
+            "sg-agent",
+            "--new-user-password=agent-secret",
+        ],
+        &["user", "grant-role", "sg-agent", "sg-reader"],
+        &["auth", "enable"],
+    ] {
+        let o = etcd.etcdctl(args);
+        assert!(o.status.success(), "etcdctl {args:?}: {}", text(&o));
+    }
+    let dir = TempDir::new("fleet-tls");
+    let state = dir.path("two-tier.json");
+    write_state(&state, &example("two-tier.json"));
+    let creds = |who: &str| -> Vec<String> {
+        let user = if who == "agent" { "sg-agent" } else { who };
+        vec![
+            format!("--etcd-ca={}", certs.join("ca.crt").display()),
+            format!("--etcd-cert={}", certs.join(format!("{who}.crt")).display()),
+            format!("--etcd-key={}", certs.join(format!("{who}.key")).display()),
+            format!("--etcd-user={user}"),
+            format!(
+                "--etcd-password-file={}",
+                certs.join(format!("{who}.password")).display()
+            ),
+        ]
+    };
+    let as_args = |v: &[String]| -> Vec<String> { v.to_vec() };
+    let publish_as = |who: &str, file: &std::path::Path, extra: &[&str]| {
+        let c = as_args(&creds(who));
+        let mut args: Vec<&str> = c.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
+        etcd.publish(file, &args)
+    };
+    // Without a client certificate, etcd refuses the connection.
+    let o = etcd.publish(
+        &state,
+        &[&format!("--etcd-ca={}", certs.join("ca.crt").display())],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    // The agents' read-only user cannot write.
+    let o = publish_as("agent", &state, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("permission denied"), "{}", text(&o));
+    // The publisher (root) can.
+    let o = publish_as("root", &state, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let rev = revision_of(&o);
+    // An agent follows with the read-only user over TLS.
+    let c = creds("agent");
+    let mut args: Vec<&str> = vec!["--etcd"];
+    let url = etcd.url();
+    args.push(&url);
+    args.extend(c.iter().map(String::as_str));
+    let mut db = t.db.run_agent(&args, &dir.path("db.log"));
+    let st = t.db.wait_revision(rev, &mut db);
+    assert_eq!(
+        st["source"]["endpoints"][0], "https://198.18.250.1:2379",
+        "{st}"
+    );
+    assert!(tcp::reaches(&t.web1.ns, "198.18.2.21:3306"));
+    assert!(!tcp::reaches(&t.outsider.ns, "198.18.2.21:3306"));
+    // A change published by root reaches it through its watch.
+    let part = dir.path("web3.json");
+    std::fs::write(&part, WEB3).unwrap();
+    let o = publish_as("root", &part, &["--merge"]);
+    assert!(o.status.success(), "{}", text(&o));
+    t.db.wait_revision(revision_of(&o), &mut db);
+}

@@ -63,6 +63,9 @@ const SYSTEM_PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "promtool"),
     // The fleet tests' etcd (3.4; sg talks to its v3 JSON gateway, no protoc needed).
     ("etcd-server", "etcd"),
+    // The TLS test: users and roles (etcdctl), and its CA and certificates (openssl).
+    ("etcd-client", "etcdctl"),
+    ("openssl", "openssl"),
     // The unit under a real systemd: a Debian root booted with systemd-nspawn.
     ("debootstrap", "debootstrap"),
     ("systemd-container", "systemd-nspawn"),

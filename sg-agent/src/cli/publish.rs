@@ -39,6 +39,40 @@ pub struct PublishArgs {
     /// Print what would be written and deleted; write nothing.
     #[arg(long)]
     pub dry_run: bool,
+    #[command(flatten)]
+    pub security: EtcdSecurityArgs,
+}
+
+/// TLS and the etcd user, for `run --etcd` and `publish`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct EtcdSecurityArgs {
+    /// CA certificate (PEM) that signed etcd's certificate (https:// endpoints).
+    #[arg(long, value_name = "FILE")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's --client-cert-auth.
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// etcd user whose role applies (agents: a read-only role on the prefix).
+    #[arg(long, value_name = "NAME", requires = "etcd_password_file")]
+    pub etcd_user: Option<String>,
+    /// File holding the etcd user's password.
+    #[arg(long, value_name = "FILE", requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
+}
+
+impl EtcdSecurityArgs {
+    pub fn security(&self) -> etcd::Security {
+        etcd::Security {
+            ca: self.etcd_ca.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+            user: self.etcd_user.clone(),
+            password_file: self.etcd_password_file.clone(),
+        }
+    }
 }
 
 /// etcd's default limits on one transaction: operations, and request bytes (1.5 MiB).
@@ -132,7 +166,7 @@ fn merged(mut base: State, part: State) -> State {
 }
 
 pub(super) fn publish(a: &PublishArgs) -> ExitCode {
-    let client = match Client::new(&a.etcd) {
+    let client = match Client::with_security(&a.etcd, &a.security.security()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("sg-agent publish: {e}");

@@ -37,6 +37,8 @@ pub struct RunArgs {
     /// Key prefix in etcd.
     #[arg(long, default_value = crate::source::etcd::DEFAULT_PREFIX, requires = "etcd")]
     pub etcd_prefix: String,
+    #[command(flatten)]
+    pub etcd_security: super::publish::EtcdSecurityArgs,
     /// Bind a local interface to a network interface of the state explicitly.
     #[arg(long, value_name = "IFACE=ENI", value_parser = parse_attach)]
     pub attach: Vec<(String, String)>,
@@ -101,25 +103,27 @@ pub(super) fn run(a: RunArgs) -> ExitCode {
         .unwrap_or_else(|| agent::default_run_dir(&a.pin_dir));
     let etcd = match &a.etcd {
         None => None,
-        Some(urls) => match crate::source::etcd::Client::new(urls) {
-            Ok(client) if a.etcd_prefix.starts_with('/') && a.etcd_prefix.ends_with('/') => {
-                Some(agent::EtcdOptions {
-                    client,
-                    prefix: a.etcd_prefix.clone(),
-                })
+        Some(urls) => {
+            match crate::source::etcd::Client::with_security(urls, &a.etcd_security.security()) {
+                Ok(client) if a.etcd_prefix.starts_with('/') && a.etcd_prefix.ends_with('/') => {
+                    Some(agent::EtcdOptions {
+                        client,
+                        prefix: a.etcd_prefix.clone(),
+                    })
+                }
+                Ok(_) => {
+                    eprintln!(
+                        "sg-agent run: --etcd-prefix {:?}: starts and ends with /",
+                        a.etcd_prefix
+                    );
+                    return ExitCode::from(super::EXIT_USAGE);
+                }
+                Err(e) => {
+                    eprintln!("sg-agent run: {e}");
+                    return ExitCode::from(super::EXIT_USAGE);
+                }
             }
-            Ok(_) => {
-                eprintln!(
-                    "sg-agent run: --etcd-prefix {:?}: starts and ends with /",
-                    a.etcd_prefix
-                );
-                return ExitCode::from(super::EXIT_USAGE);
-            }
-            Err(e) => {
-                eprintln!("sg-agent run: {e}");
-                return ExitCode::from(super::EXIT_USAGE);
-            }
-        },
+        }
     };
     let opts = RunOptions {
         state: match (&a.state, &a.etcd) {

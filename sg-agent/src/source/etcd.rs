@@ -137,11 +137,108 @@ impl Op {
     }
 }
 
-/// A client of etcd's v3 JSON gateway, over plain HTTP; endpoints are tried in turn.
-#[derive(Clone, Debug)]
+/// How a client authenticates: TLS with a client certificate (`https://` endpoints),
+/// and an etcd user for its role. Through the JSON gateway etcd ignores the
+/// certificate's common name (the gateway's own connection is what etcd sees), so the
+/// role comes from the user's token (`/v3/auth/authenticate`); the certificate is what
+/// lets the connection in (`--client-cert-auth`).
+#[derive(Clone, Debug, Default)]
+pub struct Security {
+    pub ca: Option<std::path::PathBuf>,
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+    pub user: Option<String>,
+    pub password_file: Option<std::path::PathBuf>,
+}
+
+/// A client of etcd's v3 JSON gateway; endpoints are tried in turn.
+#[derive(Clone)]
 pub struct Client {
     endpoints: Vec<String>,
     timeout: Duration,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    user: Option<(String, String)>,
+    token: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("endpoints", &self.endpoints)
+            .field("tls", &self.tls.is_some())
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .finish()
+    }
+}
+
+/// A connection: plain, or TLS.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            Conn::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            Conn::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// The TLS configuration of `--etcd-ca/--etcd-cert/--etcd-key`.
+fn tls_config(sec: &Security) -> Result<rustls::ClientConfig, String> {
+    use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let ca = sec
+        .ca
+        .as_ref()
+        .ok_or("https:// endpoints need --etcd-ca (the CA that signed etcd's certificate)")?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in
+        CertificateDer::pem_file_iter(ca).map_err(|e| format!("--etcd-ca {}: {e}", ca.display()))?
+    {
+        let c = c.map_err(|e| format!("--etcd-ca {}: {e}", ca.display()))?;
+        roots
+            .add(c)
+            .map_err(|e| format!("--etcd-ca {}: {e}", ca.display()))?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots);
+    match (&sec.cert, &sec.key) {
+        (Some(cert), Some(key)) => {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+                .map_err(|e| format!("--etcd-cert {}: {e}", cert.display()))?
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("--etcd-cert {}: {e}", cert.display()))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| format!("--etcd-key {}: {e}", key.display()))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| format!("--etcd-cert/--etcd-key: {e}"))
+        }
+        (None, None) => Ok(builder.with_no_client_auth()),
+        _ => Err("--etcd-cert and --etcd-key go together".into()),
+    }
 }
 
 fn b64(bytes: &[u8]) -> String {
@@ -257,34 +354,74 @@ impl<R: BufRead> Read for Chunked<R> {
 }
 
 impl Client {
-    /// `urls`: comma-separated `http://host:port` endpoints.
+    /// `urls`: comma-separated `http://host:port` endpoints, without TLS or a user.
     pub fn new(urls: &str) -> Result<Client, String> {
+        Client::with_security(urls, &Security::default())
+    }
+
+    /// `urls`: comma-separated `http://host:port` or `https://host:port` endpoints (all
+    /// of one scheme); `https` needs the CA, and etcd's `--client-cert-auth` a client
+    /// certificate and key.
+    pub fn with_security(urls: &str, sec: &Security) -> Result<Client, String> {
         let mut endpoints = Vec::new();
+        let mut https = None;
         for u in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-            let Some(hostport) = u.strip_prefix("http://") else {
-                return Err(format!(
-                    "--etcd {u}: use http://HOST:PORT (https needs --etcd-ca, --etcd-cert and --etcd-key, which this build does not offer)"
-                ));
+            let (secure, hostport) = match (u.strip_prefix("http://"), u.strip_prefix("https://")) {
+                (Some(h), _) => (false, h),
+                (_, Some(h)) => (true, h),
+                _ => {
+                    return Err(format!(
+                        "--etcd {u}: use http://HOST:PORT or https://HOST:PORT"
+                    ))
+                }
             };
+            if https.is_some_and(|h| h != secure) {
+                return Err("--etcd: endpoints are all http:// or all https://".into());
+            }
+            https = Some(secure);
             endpoints.push(hostport.trim_end_matches('/').to_string());
         }
         if endpoints.is_empty() {
             return Err("--etcd: no endpoint".into());
         }
+        let tls = if https == Some(true) {
+            Some(std::sync::Arc::new(tls_config(sec)?))
+        } else {
+            if sec.ca.is_some() || sec.cert.is_some() {
+                return Err("--etcd-ca/--etcd-cert/--etcd-key need https:// endpoints".into());
+            }
+            None
+        };
+        let user = match (&sec.user, &sec.password_file) {
+            (Some(u), Some(f)) => {
+                let password = std::fs::read_to_string(f)
+                    .map_err(|e| format!("--etcd-password-file {}: {e}", f.display()))?;
+                Some((
+                    u.clone(),
+                    password.trim_end_matches(['\n', '\r']).to_string(),
+                ))
+            }
+            (None, None) => None,
+            _ => return Err("--etcd-user and --etcd-password-file go together".into()),
+        };
         Ok(Client {
             endpoints,
             timeout: Duration::from_secs(5),
+            tls,
+            user,
+            token: Default::default(),
         })
     }
 
     pub fn endpoints(&self) -> Vec<String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         self.endpoints
             .iter()
-            .map(|e| format!("http://{e}"))
+            .map(|e| format!("{scheme}://{e}"))
             .collect()
     }
 
-    fn connect(&self, endpoint: &str) -> Result<TcpStream, EtcdError> {
+    fn connect_tcp(&self, endpoint: &str) -> Result<TcpStream, EtcdError> {
         let io = |what: String| EtcdError::Io {
             endpoint: endpoint.to_string(),
             what,
@@ -299,13 +436,75 @@ impl Client {
         Ok(s)
     }
 
-    /// POSTs `body` to `path` on the first endpoint that answers. `stream`: no read
-    /// timeout (a watch).
+    /// A connection to `endpoint` with the read timeout `read` (None: none, a watch).
+    fn connect(&self, endpoint: &str, read: Option<Duration>) -> Result<Conn, EtcdError> {
+        let io = |what: String| EtcdError::Io {
+            endpoint: endpoint.to_string(),
+            what,
+        };
+        let s = self.connect_tcp(endpoint)?;
+        s.set_read_timeout(read).map_err(|e| io(e.to_string()))?;
+        s.set_write_timeout(Some(self.timeout))
+            .map_err(|e| io(e.to_string()))?;
+        let Some(tls) = &self.tls else {
+            return Ok(Conn::Plain(s));
+        };
+        let host = endpoint.rsplit_once(':').map_or(endpoint, |(h, _)| h);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let name = rustls_pki_types::ServerName::try_from(host.to_string())
+            .map_err(|e| io(format!("server name {host}: {e}")))?;
+        let conn = rustls::ClientConnection::new(tls.clone(), name)
+            .map_err(|e| io(format!("TLS: {e}")))?;
+        Ok(Conn::Tls(Box::new(rustls::StreamOwned::new(conn, s))))
+    }
+
+    /// The user's token, authenticating first when there is none.
+    fn token(&self, renew: bool) -> Result<Option<String>, EtcdError> {
+        let Some((name, password)) = &self.user else {
+            return Ok(None);
+        };
+        let mut token = self.token.lock().unwrap_or_else(|p| p.into_inner());
+        if renew || token.is_none() {
+            let body = serde_json::json!({ "name": name, "password": password });
+            let mut r = self.post_raw("/v3/auth/authenticate", &body, false, None)?;
+            let mut text = String::new();
+            r.body
+                .read_to_string(&mut text)
+                .map_err(|e| EtcdError::Protocol(format!("authenticating: {e}")))?;
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            let t = v["token"].as_str().ok_or_else(|| {
+                EtcdError::Protocol(format!(
+                    "authenticating as {name}: {}",
+                    v["message"]
+                        .as_str()
+                        .or(v["error"].as_str())
+                        .unwrap_or(&text)
+                ))
+            })?;
+            *token = Some(t.to_string());
+        }
+        Ok(token.clone())
+    }
+
+    /// POSTs `body` to `path`, with the user's token when there is a user.
     fn post(
         &self,
         path: &str,
         body: &serde_json::Value,
         stream: bool,
+    ) -> Result<Response, EtcdError> {
+        let token = self.token(false)?;
+        self.post_raw(path, body, stream, token.as_deref())
+    }
+
+    /// POSTs `body` to `path` on the first endpoint that answers. `stream`: no read
+    /// timeout (a watch).
+    fn post_raw(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        stream: bool,
+        token: Option<&str>,
     ) -> Result<Response, EtcdError> {
         let body = body.to_string();
         let mut last = None;
@@ -315,16 +514,18 @@ impl Client {
                     endpoint: endpoint.clone(),
                     what: e.to_string(),
                 };
-                let mut s = self.connect(endpoint)?;
-                s.set_read_timeout(if stream { None } else { Some(self.timeout) })
-                    .map_err(io)?;
-                s.set_write_timeout(Some(self.timeout)).map_err(io)?;
+                let mut s =
+                    self.connect(endpoint, if stream { None } else { Some(self.timeout) })?;
+                let auth = token
+                    .map(|t| format!("Authorization: {t}\r\n"))
+                    .unwrap_or_default();
                 write!(
                     s,
-                    "POST {path} HTTP/1.1\r\nHost: {endpoint}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    "POST {path} HTTP/1.1\r\nHost: {endpoint}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()
                 )
                 .map_err(io)?;
+                s.flush().map_err(io)?;
                 let mut reader = BufReader::new(s);
                 let mut line = String::new();
                 reader.read_line(&mut line).map_err(io)?;
@@ -371,7 +572,24 @@ impl Client {
     }
 
     fn call(&self, path: &str, body: serde_json::Value) -> Result<serde_json::Value, EtcdError> {
-        let mut r = self.post(path, &body, false)?;
+        match self.call_once(path, &body) {
+            // Simple tokens expire: authenticate again, once.
+            Err(EtcdError::Protocol(m))
+                if self.user.is_some() && m.contains("invalid auth token") =>
+            {
+                self.token(true)?;
+                self.call_once(path, &body)
+            }
+            r => r,
+        }
+    }
+
+    fn call_once(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, EtcdError> {
+        let mut r = self.post(path, body, false)?;
         let mut text = String::new();
         r.body
             .read_to_string(&mut text)
@@ -520,6 +738,10 @@ impl Client {
                 .map_err(|e| EtcdError::Protocol(format!("watch stream: {e}")))?;
             let result = &v["result"];
             if result.is_null() {
+                if self.user.is_some() && line.contains("invalid auth token") {
+                    // The next watch (the caller reconnects) authenticates again.
+                    *self.token.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                }
                 return Err(EtcdError::Protocol(format!("watch: {}", line.trim())));
             }
             let compact = int_of(&result["compact_revision"]);
