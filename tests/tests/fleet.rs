@@ -433,3 +433,61 @@ fn tls_with_client_certificates_and_a_read_only_role_for_agents() {
     assert!(o.status.success(), "{}", text(&o));
     t.db.wait_revision(revision_of(&o), &mut db);
 }
+
+/// The sha256 of etcd's combined state under /sg/ now, and the revision it is at.
+fn etcd_content(etcd: &Etcd) -> (String, i64) {
+    let client = etcd.client_as("root", false);
+    let (revision, kvs) = etcd
+        .host
+        .ns
+        .enter(|| client.list("/sg/", 1000))
+        .expect("list");
+    let kvs = kvs.into_iter().map(|(k, kv)| (k, kv.value)).collect();
+    let doc = sg_agent::source::etcd::document("/sg/", &kvs).expect("document");
+    (sg_agent::source::sha256_hex(doc.as_bytes()), revision)
+}
+
+#[test]
+fn after_random_publishes_the_agent_applies_exactly_what_etcd_holds() {
+    if !require_root("after_random_publishes_the_agent_applies_exactly_what_etcd_holds") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let host = lab.host("agent", "02:5e:00:00:0a:01", &["198.18.10.1/16"]);
+    let etcd = Etcd::start(&mut lab);
+    let dir = TempDir::new("fleet-prop");
+    let mut rng = sg_agent::testgen::Rng::new(0x5eed_f1ee7);
+    let file = dir.path("state.json");
+    let mut agent: Option<AgentProc> = None;
+    let mut published = 0;
+    for round in 0..12 {
+        let interfaces = 1 + rng.below(6) as usize;
+        let state = sg_agent::testgen::state(&mut rng, interfaces);
+        std::fs::write(&file, sg_agent::source::to_aws_json(&state)).unwrap();
+        // Mostly whole states (pruning what they no longer have), sometimes a merge,
+        // which publish may refuse when the merged state would be invalid.
+        let o = if round == 0 || rng.chance(70) {
+            publish(&etcd, &file, &["--prune"])
+        } else {
+            publish(&etcd, &file, &["--merge"])
+        };
+        let out = text(&o);
+        assert!(
+            o.status.success() || out.contains("nothing was published"),
+            "round {round}: {out}"
+        );
+        published += o.status.success() as u32;
+        if agent.is_none() {
+            agent = Some(host.run_agent(&["--etcd", &etcd.url()], &dir.path("agent.log")));
+        }
+        let a = agent.as_mut().unwrap();
+        let (sha, revision) = etcd_content(&etcd);
+        let st = host.wait_revision(revision, a);
+        assert_eq!(
+            st["applied_state_sha256"].as_str(),
+            Some(sha.as_str()),
+            "round {round}: the agent applies exactly etcd's content at revision {revision}: {st}"
+        );
+    }
+    assert!(published >= 8, "most publishes went through: {published}");
+}
