@@ -261,6 +261,10 @@ pub const EVENT_RATE: MapSpec = MapSpec {
     holds: "per-CPU token state of the denied-event rate limit",
 };
 
+/// Pins of maps earlier builds made and this one replaced (a layout change gives a map a
+/// new name): an upgraded agent removes them once it has its own, and so does detach.
+pub const RETIRED: [&str; 3] = ["SG_FRAGS", "SG_COUNTERS", "SG_EVENTS"];
+
 /// Every map of the enforcing object, in pinning order.
 pub const MAPS: [MapSpec; 15] = [
     STATUS, CT, CT_NEW, ADDR4, ADDR6, NET4, NET6, PORTS, IFACE, GLOBAL, COUNTERS, RULE_HITS, FRAGS,

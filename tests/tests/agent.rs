@@ -575,3 +575,84 @@ fn default_deny_enforces_interfaces_without_groups() {
         "ARP passes and is counted: {st}"
     );
 }
+
+#[test]
+fn an_upgraded_agent_and_detach_remove_the_pins_of_retired_maps() {
+    if !require_root("an_upgraded_agent_and_detach_remove_the_pins_of_retired_maps") {
+        return;
+    }
+    let (_lab, db, _web3) = Lab::db_and_web3();
+    let dir = TempDir::new("retired");
+    let state = dir.path("state.toml");
+    let sha = write_state(&state, &example("two-tier.toml"));
+    // What an earlier build left: its counters map pinned under the old name.
+    let pins = "/sys/fs/bpf/sg";
+    let made = db
+        .cmd("sh")
+        .arg("-c")
+        .arg(format!(
+            "mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf; mkdir -p {pins} && bpftool map create {pins}/SG_COUNTERS type array key 4 value 512 entries 256 name SG_COUNTERS"
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let exists = |name: &str| {
+        db.cmd("test")
+            .args(["-e", &format!("{pins}/{name}")])
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(exists("SG_COUNTERS"));
+    let mut agent = db.start_agent(&state, &[], &dir.path("db.log"));
+    db.wait_applied(&sha, &mut agent);
+    assert!(
+        !exists("SG_COUNTERS"),
+        "the upgraded agent removed the retired pin"
+    );
+    assert!(exists("SG_COUNTERS_V2"));
+    agent.stop();
+    // A retired pin left behind is removed by detach too.
+    let made = db
+        .cmd("bpftool")
+        .args([
+            "map",
+            "create",
+            &format!("{pins}/SG_EVENTS"),
+            "type",
+            "array",
+            "key",
+            "4",
+            "value",
+            "8",
+            "entries",
+            "1",
+            "name",
+            "SG_EVENTS",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let out = db
+        .cmd(sg_tests::lab::agent_bin())
+        .arg("detach")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !exists("SG_EVENTS") && !exists(""),
+        "detach removed everything"
+    );
+}

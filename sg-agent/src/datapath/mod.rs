@@ -181,7 +181,9 @@ impl Datapath {
     pub fn open_pinned(sizes: &MapSizes, pin_dir: &Path) -> Result<Datapath> {
         pins::check_layouts(pin_dir)?;
         pins::check_sizes(pin_dir, sizes)?;
-        Self::load_with(OBJECT, sizes, Some(pin_dir))
+        let dp = Self::load_with(OBJECT, sizes, Some(pin_dir))?;
+        pins::remove_retired(pin_dir);
+        Ok(dp)
     }
 
     fn load_with(object: &[u8], sizes: &MapSizes, pin_dir: Option<&Path>) -> Result<Datapath> {

@@ -112,6 +112,20 @@ fn pinned_info(
         .map_err(map_err(spec.name))
 }
 
+/// Removes the pins of retired maps (`registry::RETIRED`): the programs that used them
+/// keep their own references until they are replaced.
+pub(super) fn remove_retired(pin_dir: &Path) {
+    for name in registry::RETIRED {
+        let p = pin_dir.join(name);
+        if p.exists() {
+            match std::fs::remove_file(&p) {
+                Ok(()) => log::info!("removed {}: an earlier build's map", p.display()),
+                Err(e) => log::warn!("removing {}: {e}", p.display()),
+            }
+        }
+    }
+}
+
 /// The capacity of a pinned map, in entries.
 pub fn pinned_max_entries(pin_dir: &Path, spec: &'static registry::MapSpec) -> Result<u32> {
     pinned_info(pin_dir, spec)?
@@ -213,8 +227,12 @@ pub fn detach(pin_dir: &Path) -> Detached {
         }
     }
     let _ = std::fs::remove_dir(&links);
-    for spec in &registry::MAPS {
-        let p = pin_dir.join(spec.name);
+    let names = registry::MAPS
+        .iter()
+        .map(|m| m.name)
+        .chain(registry::RETIRED);
+    for name in names {
+        let p = pin_dir.join(name);
         if p.exists() {
             match std::fs::remove_file(&p) {
                 Ok(()) => out.removed += 1,
