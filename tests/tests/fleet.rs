@@ -456,7 +456,7 @@ fn after_random_publishes_the_agent_applies_exactly_what_etcd_holds() {
     let host = lab.host("agent", "02:5e:00:00:0a:01", &["198.18.10.1/16"]);
     let etcd = Etcd::start(&mut lab);
     let dir = TempDir::new("fleet-prop");
-    let mut rng = sg_agent::testgen::Rng::new(0x5eed_f1ee7);
+    let mut rng = sg_agent::testgen::Rng::new(0x0005_eedf_1ee7);
     let file = dir.path("state.json");
     let mut agent: Option<AgentProc> = None;
     let mut published = 0;
@@ -500,7 +500,7 @@ fn concurrent_publishers_never_leave_a_mix() {
     let mut lab = Lab::new();
     let etcd = Etcd::start(&mut lab);
     let dir = TempDir::new("fleet-race");
-    let mut rng = sg_agent::testgen::Rng::new(0xc0ff_ee);
+    let mut rng = sg_agent::testgen::Rng::new(0x00c0_ffee);
     // Four different states over the same ids: every publish guards the keys it read.
     let files: Vec<std::path::PathBuf> = (0..4)
         .map(|i| {
