@@ -194,6 +194,26 @@ impl Record {
     }
 }
 
+/// A flow's endpoints as a record names them, from the enforced side's view: the source
+/// is the remote for ingress and the local side for egress; protocols without ports
+/// record 0 for both.
+fn oriented(
+    direction: Direction,
+    protocol: u8,
+    (local, local_port): (IpAddr, u16),
+    (remote, remote_port): (IpAddr, u16),
+) -> (IpAddr, IpAddr, u16, u16) {
+    let (src, dst, sport, dport) = match direction {
+        Direction::Ingress => (remote, local, remote_port, local_port),
+        Direction::Egress => (local, remote, local_port, remote_port),
+    };
+    if matches!(protocol, sg_common::PROTO_TCP | sg_common::PROTO_UDP) {
+        (src, dst, sport, dport)
+    } else {
+        (src, dst, 0, 0)
+    }
+}
+
 /// Unix seconds of a boot-clock time, `now_boot` being the boot clock now.
 fn unix_of(boot_ns: u64, now_boot: u64, now_unix: u64) -> u64 {
     now_unix.saturating_sub(now_boot.saturating_sub(boot_ns) / 1_000_000_000)
@@ -290,12 +310,12 @@ impl FlowLog {
         if e.admitted {
             return; // Accepted traffic is counted by conntrack.
         }
-        let (src, dst, sport, dport) = match e.direction {
-            Direction::Ingress => (e.remote, e.local, e.remote_port, e.local_port),
-            Direction::Egress => (e.local, e.remote, e.local_port, e.remote_port),
-        };
-        let ported = matches!(e.protocol, sg_common::PROTO_TCP | sg_common::PROTO_UDP);
-        let (sport, dport) = if ported { (sport, dport) } else { (0, 0) };
+        let (src, dst, sport, dport) = oriented(
+            e.direction,
+            e.protocol,
+            (e.local, e.local_port),
+            (e.remote, e.remote_port),
+        );
         let dir = match e.direction {
             Direction::Ingress => DIR_INGRESS,
             Direction::Egress => DIR_EGRESS,
@@ -363,22 +383,19 @@ impl FlowLog {
                 if packets == 0 {
                     continue;
                 }
-                let local = addr_of(key.family, &key.local);
-                let remote = addr_of(key.family, &key.remote);
-                let ported = matches!(key.protocol, sg_common::PROTO_TCP | sg_common::PROTO_UDP);
-                let (lport, rport) = if ported {
+                let direction = crate::datapath::direction_of(dir);
+                let (src, dst, sport, dport) = oriented(
+                    direction,
+                    key.protocol,
                     (
+                        addr_of(key.family, &key.local),
                         u16::from_be_bytes(key.local_port),
+                    ),
+                    (
+                        addr_of(key.family, &key.remote),
                         u16::from_be_bytes(key.remote_port),
-                    )
-                } else {
-                    (0, 0)
-                };
-                let (src, dst, sport, dport) = if dir == DIR_INGRESS {
-                    (remote, local, rport, lport)
-                } else {
-                    (local, remote, lport, rport)
-                };
+                    ),
+                );
                 records.push(Record {
                     interface_id: iface.eni.clone(),
                     account_id: iface.owner_id.clone(),
@@ -389,7 +406,7 @@ impl FlowLog {
                         dst_port: dport,
                         protocol: key.protocol,
                         action: Action::Accept,
-                        direction: crate::datapath::direction_of(dir),
+                        direction,
                         tcp_flags: 0,
                         group_id: rule.map(|r| r.1.clone()),
                         rule_id: rule.map(|r| r.0.clone()),

@@ -222,10 +222,16 @@ impl Host {
         serde_json::from_slice(&out.stdout).ok()
     }
 
-    /// Waits until the agent reports `sha256` as applied.
-    pub fn wait_applied(&self, sha256: &str, agent: &mut AgentProc) {
+    /// Waits until this agent process's own status (not one an earlier agent left)
+    /// satisfies `done`; panics with the agent's log if it exits first.
+    fn wait_status(
+        &self,
+        what: &str,
+        agent: &mut AgentProc,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         wait_for(
-            &format!("{} to apply state {}", self.name, &sha256[..12]),
+            &format!("{} to {what}", self.name),
             Duration::from_secs(20),
             || {
                 if let Ok(Some(st)) = agent.child.try_wait() {
@@ -236,32 +242,26 @@ impl Host {
                     );
                 }
                 let s = self.status()?;
-                // The status of this agent process, not one left by an earlier one.
                 let mine = s["agent_pid"].as_u64() == Some(agent.child.id() as u64);
-                (mine && s["applied_state_sha256"].as_str() == Some(sha256)).then_some(())
+                (mine && done(&s)).then_some(s)
             },
-        );
+        )
+    }
+
+    /// Waits until the agent reports `sha256` as applied.
+    pub fn wait_applied(&self, sha256: &str, agent: &mut AgentProc) {
+        self.wait_status(&format!("apply state {}", &sha256[..12]), agent, |s| {
+            s["applied_state_sha256"].as_str() == Some(sha256)
+        });
     }
 
     /// Waits until the agent reports etcd's `revision` (or a later one) as applied.
     pub fn wait_revision(&self, revision: i64, agent: &mut AgentProc) -> serde_json::Value {
-        wait_for(
-            &format!("{} to apply etcd revision {revision}", self.name),
-            Duration::from_secs(20),
-            || {
-                if let Ok(Some(st)) = agent.child.try_wait() {
-                    panic!(
-                        "sg-agent on {} exited ({st}):\n{}",
-                        self.name,
-                        agent.log_text()
-                    );
-                }
-                let s = self.status()?;
-                (s["agent_pid"].as_u64() == Some(agent.child.id() as u64)
-                    && s["source"]["applied_revision"].as_i64()? >= revision)
-                    .then_some(s)
-            },
-        )
+        self.wait_status(&format!("apply etcd revision {revision}"), agent, |s| {
+            s["source"]["applied_revision"]
+                .as_i64()
+                .is_some_and(|r| r >= revision)
+        })
     }
 
     pub fn ping(&self, addr: &str) -> bool {
