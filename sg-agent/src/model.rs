@@ -604,9 +604,14 @@ impl State {
     /// references), for the interfaces at `changed`: uniqueness of ids and MAC addresses
     /// is the caller's to check.
     pub fn check_interfaces(&self, changed: std::ops::Range<usize>) -> Vec<Problem> {
+        self.check_interfaces_of(&self.network_interfaces[changed])
+    }
+
+    /// The same checks for interfaces `items` that are not (yet) in the state.
+    pub fn check_interfaces_of(&self, items: &[NetworkInterface]) -> Vec<Problem> {
         let mut problems = Vec::new();
         let groups: BTreeSet<&str> = self.security_groups.iter().map(|g| g.id.as_str()).collect();
-        for n in &self.network_interfaces[changed] {
+        for n in items {
             check_interface(n, &groups, &Origins::default(), &mut problems);
         }
         problems

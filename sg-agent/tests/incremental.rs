@@ -377,3 +377,123 @@ fn the_examples_take_the_incremental_path() {
     let change = doc.update(&mut state, joined.into_bytes());
     assert!(change.is_ok());
 }
+
+/// etcd's incremental path (`source::etcd::apply_interfaces`): for random watch responses
+/// that change network interfaces (edits, joins, leaves, clashing addresses, unknown
+/// groups), the state after the response is exactly the full decode of etcd's new
+/// content, and the response takes the incremental path exactly when that content is
+/// valid.
+#[test]
+fn etcd_watch_responses_equal_full_decodes() {
+    use sg_agent::{
+        source::etcd::{apply_interfaces, document, objects, Digest},
+        testgen,
+    };
+    const PREFIX: &str = "/sg/";
+    let decode = |kvs: &std::collections::BTreeMap<String, String>| {
+        parse_str(&document(PREFIX, kvs).unwrap()).ok()
+    };
+    let (mut incremental, mut full_only) = (0, 0);
+    for seed in 0..300u64 {
+        let mut rng = Rng::new(seed);
+        let generated = testgen::state(&mut rng, 6);
+        let mut kvs = objects(PREFIX, &generated);
+        let Some(mut state) = decode(&kvs) else {
+            continue;
+        };
+        for step in 0..8 {
+            // One response: up to three keys, each an edit, a new interface or a deletion.
+            let mut changes = Vec::new();
+            let mut touched = std::collections::BTreeSet::new();
+            for _ in 0..1 + rng.below(3) {
+                let n = rng.below(state.network_interfaces.len() as u64 + 2) as usize;
+                let mut eni = match state.network_interfaces.get(n) {
+                    Some(e) if !rng.chance(20) => e.clone(),
+                    _ => testgen::state(&mut rng, 1).network_interfaces[0].clone(),
+                };
+                if state.network_interfaces.get(n).is_none() {
+                    eni.id = format!("eni-new-{seed}-{step}-{n}");
+                }
+                let one = State {
+                    network_interfaces: vec![eni.clone()],
+                    ..State::default()
+                };
+                let (key, value) = objects(PREFIX, &one).into_iter().next().unwrap();
+                if !touched.insert(key.clone()) {
+                    continue;
+                }
+                let value = match rng.below(10) {
+                    0 if kvs.contains_key(&key) => None,
+                    1 => {
+                        // Joins a group, maybe one that does not exist.
+                        eni.groups
+                            .push(["sg-0", "sg-1", "sg-9"][rng.below(3) as usize].to_string());
+                        eni.groups.dedup();
+                        let one = State {
+                            network_interfaces: vec![eni],
+                            ..State::default()
+                        };
+                        objects(PREFIX, &one).into_values().next()
+                    }
+                    2 => {
+                        // Takes an address that may be another interface's.
+                        eni.ipv4.push(testgen::pool_v4(&mut rng));
+                        let one = State {
+                            network_interfaces: vec![eni],
+                            ..State::default()
+                        };
+                        objects(PREFIX, &one).into_values().next()
+                    }
+                    _ => Some(value),
+                };
+                changes.push((key, value));
+            }
+            let mut next = state.clone();
+            let delta = apply_interfaces(PREFIX, &kvs, &mut next, &changes);
+            let mut digest = Digest::of(PREFIX, &kvs);
+            for (k, v) in &changes {
+                if let Some(old) = kvs.get(k) {
+                    digest.toggle(PREFIX, k, old);
+                }
+                match v {
+                    Some(v) => {
+                        digest.toggle(PREFIX, k, v);
+                        kvs.insert(k.clone(), v.clone());
+                    }
+                    None => {
+                        kvs.remove(k);
+                    }
+                }
+            }
+            assert_eq!(digest, Digest::of(PREFIX, &kvs), "seed {seed} step {step}");
+            let full = decode(&kvs);
+            match (delta, full) {
+                (Some(_), Some(full)) => {
+                    assert_eq!(
+                        next.network_interfaces, full.network_interfaces,
+                        "seed {seed} step {step}: {changes:?}"
+                    );
+                    incremental += 1;
+                    state = full;
+                }
+                (None, Some(full)) => {
+                    // Only a state whose decode differs in more than interfaces could
+                    // need the full path; responses here change interfaces only.
+                    panic!("seed {seed} step {step}: valid content took the full path: {changes:?} -> {:?}", full.network_interfaces);
+                }
+                (Some(_), None) => {
+                    panic!("seed {seed} step {step}: invalid content applied incrementally: {changes:?}")
+                }
+                (None, None) => {
+                    assert_eq!(next.network_interfaces, state.network_interfaces);
+                    full_only += 1;
+                    // etcd holds an invalid state now: the agent keeps the last valid
+                    // one; start the next seed's steps from valid content again.
+                    break;
+                }
+            }
+        }
+    }
+    eprintln!("{incremental} incremental responses, {full_only} invalid ones refused");
+    assert!(incremental > 300 && full_only > 20);
+}

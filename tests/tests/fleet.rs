@@ -116,6 +116,11 @@ fn a_fleet_follows_etcd_publish_is_exact_and_an_eni_joins_and_leaves() {
         log.contains("+members 1 [eni-0000000000000web3 in sg-0a00000000000web]"),
         "{log}"
     );
+    // The watch response took the incremental path: no parse or compile of the whole state.
+    assert!(
+        log.contains("(membership of 1 network interfaces)"),
+        "{log}"
+    );
 
     // Leaving: the file without web3 would delete it: refused without --prune.
     let o = publish(&etcd, &state, &[]);
@@ -136,6 +141,12 @@ fn a_fleet_follows_etcd_publish_is_exact_and_an_eni_joins_and_leaves() {
     assert!(
         !tcp::reaches(&web3.ns, "198.18.2.21:3306"),
         "web3 left web-sg"
+    );
+    let log = std::fs::read_to_string(dir.path("db.log")).unwrap();
+    assert_eq!(
+        log.matches("(membership of 1 network interfaces)").count(),
+        2,
+        "joining and leaving both incremental: {log}"
     );
 
     // An invalid combined state (a merge that references nothing) is refused by publish;
@@ -434,7 +445,7 @@ fn tls_with_client_certificates_and_a_read_only_role_for_agents() {
     t.db.wait_revision(revision_of(&o), &mut db);
 }
 
-/// The sha256 of etcd's combined state under /sg/ now, and the revision it is at.
+/// The content digest of etcd's state under /sg/ now, and the revision it is at.
 fn etcd_content(etcd: &Etcd) -> (String, i64) {
     let client = etcd.client_as("root", false);
     let (revision, kvs) = etcd
@@ -443,8 +454,9 @@ fn etcd_content(etcd: &Etcd) -> (String, i64) {
         .enter(|| client.list("/sg/", 1000))
         .expect("list");
     let kvs = kvs.into_iter().map(|(k, kv)| (k, kv.value)).collect();
-    let doc = sg_agent::source::etcd::document("/sg/", &kvs).expect("document");
-    (sg_agent::source::sha256_hex(doc.as_bytes()), revision)
+    // The content digest the agent reports for etcd (docs/fleet.md).
+    let digest = sg_agent::source::etcd::Digest::of("/sg/", &kvs);
+    (digest.hex(), revision)
 }
 
 #[test]
@@ -531,8 +543,7 @@ fn concurrent_publishers_never_leave_a_mix() {
                 let state =
                     sg_agent::source::parse_str(&std::fs::read_to_string(f).unwrap()).unwrap();
                 let kvs = sg_agent::source::etcd::objects("/sg/", &state);
-                let doc = sg_agent::source::etcd::document("/sg/", &kvs).unwrap();
-                sg_agent::source::sha256_hex(doc.as_bytes())
+                sg_agent::source::etcd::Digest::of("/sg/", &kvs).hex()
             })
             .collect();
         assert!(

@@ -7,15 +7,16 @@
 #![forbid(unsafe_code)]
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
     sync::mpsc,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use super::{Agent, Event};
 use crate::source::{
     self,
-    etcd::{Changes, Client, EtcdError},
+    etcd::{Changes, Client, Digest, EtcdError, InterfaceDelta},
 };
 
 /// Where the agent follows etcd.
@@ -46,6 +47,8 @@ pub(super) struct EtcdView {
     /// The revision `kvs` is at, and the one whose state is applied.
     pub revision: i64,
     pub applied_revision: i64,
+    /// What identifies `kvs`' content (the applied state's "sha256").
+    pub digest: Digest,
     pub connected: bool,
     pub since: Option<SystemTime>,
 }
@@ -169,20 +172,49 @@ impl Agent {
         };
         match event {
             EtcdEvent::Snapshot { revision, kvs } => {
+                let prefix = self.opts.etcd.as_ref().map_or("", |o| o.prefix.as_str());
+                view.digest = Digest::of(prefix, &kvs);
                 view.kvs = kvs;
                 view.revision = revision;
                 self.etcd_connected();
                 self.apply_etcd();
             }
             EtcdEvent::Changes(c) => {
+                let started = Instant::now();
+                let delta = self.interface_delta(&c);
+                let Some(view) = self.etcd_view.as_mut() else {
+                    return;
+                };
+                let prefix = self.opts.etcd.as_ref().map_or("", |o| o.prefix.as_str());
                 for (k, v) in c.changes {
+                    if let Some(old) = view.kvs.get(&k) {
+                        view.digest.toggle(prefix, &k, old);
+                    }
                     match v {
-                        Some(v) => view.kvs.insert(k, v),
+                        Some(v) => {
+                            view.digest.toggle(prefix, &k, &v);
+                            view.kvs.insert(k, v)
+                        }
                         None => view.kvs.remove(&k),
                     };
                 }
                 view.revision = c.revision;
-                self.apply_etcd();
+                let digest = view.digest.hex();
+                match delta {
+                    Some((delta, holders)) => {
+                        let holders = |a: &IpAddr| holders.get(a).copied().unwrap_or(0);
+                        if self.apply_interfaces(
+                            delta.added,
+                            delta.removed,
+                            holders,
+                            digest,
+                            started,
+                        ) {
+                            self.etcd_applied(c.revision);
+                        }
+                    }
+                    None => self.apply_etcd(),
+                }
             }
             EtcdEvent::Connected => {
                 self.etcd_connected();
@@ -200,6 +232,49 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// A watch response on the incremental path (network interfaces only, all valid):
+    /// applied to the loaded state, with how many interfaces hold each changed address.
+    /// None: the full path.
+    fn interface_delta(&mut self, c: &Changes) -> Option<(InterfaceDelta, HashMap<IpAddr, usize>)> {
+        // Orphans live in the compiled state but not in etcd: the full path keeps them.
+        if !self.orphans.is_empty() {
+            return None;
+        }
+        let (view, opts, loaded) = (
+            self.etcd_view.as_ref()?,
+            self.opts.etcd.as_ref()?,
+            self.state.as_mut()?,
+        );
+        // The loaded state must be the view's: not after a failed or kept-back apply.
+        if view.applied_revision != view.revision {
+            return None;
+        }
+        let delta =
+            source::etcd::apply_interfaces(&opts.prefix, &view.kvs, &mut loaded.state, &c.changes)?;
+        let mut holders: HashMap<IpAddr, usize> = delta
+            .added
+            .iter()
+            .chain(&delta.removed)
+            .flat_map(|n| n.addresses())
+            .map(|a| (a, 0))
+            .collect();
+        for n in &loaded.state.network_interfaces {
+            for a in n.addresses() {
+                if let Some(count) = holders.get_mut(&a) {
+                    *count += 1;
+                }
+            }
+        }
+        Some((delta, holders))
+    }
+
+    fn etcd_applied(&mut self, revision: i64) {
+        if let Some(v) = self.etcd_view.as_mut() {
+            v.applied_revision = revision;
+        }
+        self.write_status();
     }
 
     fn etcd_connected(&mut self) {
@@ -256,7 +331,7 @@ impl Agent {
                 return;
             }
         };
-        let sha = source::sha256_hex(doc.as_bytes());
+        let sha = view.digest.hex();
         if self.state.as_ref().is_some_and(|s| s.sha256 == sha) {
             if let Some(v) = self.etcd_view.as_mut() {
                 v.applied_revision = revision;

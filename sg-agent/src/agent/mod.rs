@@ -193,7 +193,7 @@ impl Agent {
                     }
                     First::Etcd {
                         revision,
-                        sha: source::sha256_hex(doc.as_bytes()),
+                        sha: source::etcd::Digest::of(&e.prefix, &kvs).hex(),
                         kvs,
                         state,
                     }
@@ -268,9 +268,14 @@ impl Agent {
                 kvs,
                 state,
             } => {
+                let digest = source::etcd::Digest::of(
+                    agent.opts.etcd.as_ref().map_or("", |o| o.prefix.as_str()),
+                    &kvs,
+                );
                 agent.apply(state, reconcile::Content::Sha(sha))?;
                 agent.etcd_view = Some(etcd::EtcdView {
                     kvs,
+                    digest,
                     revision,
                     applied_revision: revision,
                     connected: true,

@@ -14,8 +14,7 @@ use sg_common::{link_kind, registry};
 
 use crate::{
     compile::{
-        changed_addresses, changed_interfaces, compile, diff, membership_change, LocalInterface,
-        Options, PlanIndex,
+        changed_interfaces, compile, diff, interfaces_change, LocalInterface, Options, PlanIndex,
     },
     conntrack,
     datapath::{self, link_name, links_dir, IngressHook},
@@ -98,52 +97,83 @@ impl Agent {
         if !self.orphans.is_empty() {
             return Err(text);
         }
-        let (Some(doc), Some(loaded)) = (self.doc.as_mut(), self.state.as_mut()) else {
+        let (Some(mut doc), Some(loaded)) = (self.doc.take(), self.state.as_mut()) else {
             return Err(text);
         };
-        let change = doc.update(&mut loaded.state, text)?;
+        let change = match doc.update(&mut loaded.state, text) {
+            Ok(c) => c,
+            Err(text) => {
+                self.doc = Some(doc);
+                return Err(text);
+            }
+        };
         // From here on `doc` and `loaded.state` are the new, valid state.
-        let added = &loaded.state.network_interfaces[change.at..change.at + change.added];
-        let (plan, host, attach) = (&self.plan, &self.host, &self.opts.attach);
-        let local = |n: &NetworkInterface| {
+        let added = loaded.state.network_interfaces[change.at..change.at + change.added].to_vec();
+        let sha = source::sha256_hex(doc.text());
+        let holders = |a: &std::net::IpAddr| doc.holders(a) as usize;
+        if self.apply_interfaces(added, change.removed, holders, sha, started) {
+            // Kept only when applied: otherwise the next change takes the full path.
+            self.doc = Some(doc);
+        }
+        Ok(())
+    }
+
+    /// The membership path's common part (file and etcd): `added` replaced `removed` in
+    /// the loaded state, which is valid; `sha` identifies its content. Applies the change
+    /// incrementally, or compiles the whole state when a local interface changed. False
+    /// when applying failed (the next change must take the full path).
+    pub(super) fn apply_interfaces(
+        &mut self,
+        added: Vec<NetworkInterface>,
+        removed: Vec<NetworkInterface>,
+        holders: impl Fn(&std::net::IpAddr) -> usize,
+        sha: String,
+        started: Instant,
+    ) -> bool {
+        let Some(loaded) = self.state.as_mut() else {
+            return false;
+        };
+        let (host, attach) = (&self.host, &self.opts.attach);
+        let is_local = |plan: &crate::compile::Plan, n: &NetworkInterface| {
             plan.interfaces.values().any(|i| i.eni == n.id)
                 || attach.iter().any(|(_, eni)| *eni == n.id)
                 || n.mac
                     .as_deref()
                     .is_some_and(|m| host.iter().any(|h| h.mac.as_deref() == Some(m)))
         };
-        let changed = changed_interfaces(added, &change.removed);
+        let changed = changed_interfaces(&added, &removed).len();
         let summary = crate::change::ChangeSummary::between(
             &State {
-                network_interfaces: change.removed.clone(),
+                network_interfaces: removed.clone(),
                 ..State::default()
             },
             &State {
-                network_interfaces: added.to_vec(),
+                network_interfaces: added.clone(),
                 ..State::default()
             },
         );
         log::info!("change: {}", summary.one_line());
-        let addresses = changed_addresses(&changed, added, |a| doc.holders(a) as usize);
-        let membership = if changed.iter().any(|n| local(n)) {
-            None
-        } else {
-            membership_change(&loaded.state, &mut self.plan, &mut self.index, &addresses)
-        };
+        let membership = interfaces_change(
+            &loaded.state,
+            &mut self.plan,
+            &mut self.index,
+            &added,
+            &removed,
+            holders,
+            is_local,
+        );
         let Some(membership) = membership else {
             // A local interface changed: the whole state is compiled again.
             let state = loaded.state.clone();
-            let sha = source::sha256_hex(doc.text());
             if let Err(e) = self.apply(state, Content::Sha(sha)) {
-                self.doc = None;
                 self.fail(format!("applying state: {e}"));
+                return false;
             }
-            return Ok(());
+            return true;
         };
         if let Err(e) = self.dp.apply(&membership.ops) {
             // The maps are now between two plans: take them as they are, and let the next
-            // tick parse and compile the whole file again.
-            self.doc = None;
+            // change parse and compile the whole state again.
             self.seen = None;
             match persist::adopt(&mut self.dp, &self.opts.run_dir) {
                 Ok(plan) => self.plan = plan,
@@ -151,17 +181,16 @@ impl Agent {
             }
             self.index = PlanIndex::new(&self.plan);
             self.fail(format!("applying a membership change: {e}"));
-            return Ok(());
+            return false;
         }
         let programmed = started.elapsed();
         self.stats.applies += 1;
         self.stats.map_operations += membership.ops.len() as u64;
         self.stats.applied_unix = crate::status::unix_now();
-        loaded.sha256 = source::sha256_hex(doc.text());
+        loaded.sha256 = sha;
         log::info!(
-            "applied state {} in {programmed:.1?} (membership of {} network interfaces): {} map operations, {} enforced interfaces",
+            "applied state {} in {programmed:.1?} (membership of {changed} network interfaces): {} map operations, {} enforced interfaces",
             &loaded.sha256[..12],
-            changed.len(),
             membership.ops.len(),
             self.plan.interfaces.len()
         );
@@ -179,7 +208,7 @@ impl Agent {
         }
         self.last_error = None;
         self.write_status();
-        Ok(())
+        true
     }
 
     /// Hot plug: interfaces that appeared or vanished are bound or released.

@@ -110,6 +110,29 @@ pub fn changed_addresses<'a>(
         .collect()
 }
 
+/// The membership change of a run of interfaces replaced by `added` (now in `state`),
+/// `removed` being what they replaced: None when one of those that really changed is
+/// local (`is_local`; the whole state must be compiled) or the plan enforces an
+/// interface the state does not have. `holders` counts the interfaces of `state` that
+/// hold an address. The one step both sources share: a file's spliced interfaces and an
+/// etcd watch response's.
+pub fn interfaces_change(
+    state: &State,
+    plan: &mut Plan,
+    index: &mut PlanIndex,
+    added: &[NetworkInterface],
+    removed: &[NetworkInterface],
+    holders: impl Fn(&IpAddr) -> usize,
+    is_local: impl Fn(&Plan, &NetworkInterface) -> bool,
+) -> Option<MembershipChange> {
+    let changed = changed_interfaces(added, removed);
+    if changed.iter().any(|n| is_local(plan, n)) {
+        return None;
+    }
+    let addresses = changed_addresses(&changed, added, holders);
+    membership_change(state, plan, index, &addresses)
+}
+
 /// Updates `plan` (and `index`) for new group memberships of the addresses `changed`:
 /// `state` is the new state, which differs from the plan's only in interfaces that are
 /// not bound to a local interface. None when the plan enforces an interface the state does

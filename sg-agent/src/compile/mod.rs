@@ -33,8 +33,8 @@ mod ports;
 pub use address::expand_peers;
 pub use diff::{diff, MapOp};
 pub use membership::{
-    changed_addresses, changed_interfaces, membership_change, ChangedAddress, MembershipChange,
-    PlanIndex,
+    changed_addresses, changed_interfaces, interfaces_change, membership_change, ChangedAddress,
+    MembershipChange, PlanIndex,
 };
 pub use plan::{
     InterfacePlan, Plan, PlanVerdict, PrefixKey, RuleGrant, RuleInfo, RuleKey, Ruleset,

@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use crate::model::State;
+use crate::model::{NetworkInterface, State};
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "/sg/";
@@ -86,6 +86,132 @@ pub fn document(prefix: &str, kvs: &BTreeMap<String, String>) -> Result<String, 
         "NetworkInterfaces": take(KINDS[2], &mut lists),
     })
     .to_string())
+}
+
+/// What identifies the content under a prefix: the XOR of SHA-256(key NUL value) over
+/// the layout's keys. Order-free, so a watch response updates it in the time of the keys
+/// it changed, not of the whole prefix; equal content is an equal digest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Digest([u8; 32]);
+
+impl Digest {
+    pub fn of(prefix: &str, kvs: &BTreeMap<String, String>) -> Digest {
+        let mut d = Digest::default();
+        for (k, v) in kvs {
+            d.toggle(prefix, k, v);
+        }
+        d
+    }
+
+    /// Adds a key's value to the digest, or takes it out (XOR is its own inverse).
+    pub fn toggle(&mut self, prefix: &str, key: &str, value: &str) {
+        use sha2::{Digest as _, Sha256};
+        if parse_key(prefix, key).is_none() {
+            return;
+        }
+        let mut h = Sha256::new();
+        h.update(key.as_bytes());
+        h.update([0]);
+        h.update(value.as_bytes());
+        for (a, b) in self.0.iter_mut().zip(h.finalize()) {
+            *a ^= b;
+        }
+    }
+
+    pub fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// The network interfaces a watch response replaced: the ones now in the state, and the
+/// ones it no longer holds.
+#[derive(Debug, Default)]
+pub struct InterfaceDelta {
+    pub added: Vec<NetworkInterface>,
+    pub removed: Vec<NetworkInterface>,
+}
+
+/// The incremental path of a watch response (SPEC §8): when it changed network
+/// interfaces only, and every new one is valid in `state` (the state of `kvs`, which is
+/// still the content before the response), applies them to `state` at the place a full
+/// decode would put them (key order). None, with `state` untouched, when the response
+/// needs the full path: another kind of object changed, a key changed twice, a value
+/// is not one valid interface, or ids, MAC or private addresses would be shared. The
+/// full path then reports what is wrong.
+pub fn apply_interfaces(
+    prefix: &str,
+    kvs: &BTreeMap<String, String>,
+    state: &mut State,
+    changes: &[(String, Option<String>)],
+) -> Option<InterfaceDelta> {
+    let one = |v: &str| {
+        let mut items = super::aws::parse_interfaces(v)?;
+        (items.len() == 1).then(|| items.pop()).flatten()
+    };
+    let mut delta = InterfaceDelta::default();
+    let mut keys = std::collections::BTreeSet::new();
+    for (k, new) in changes {
+        match parse_key(prefix, k) {
+            None => continue,
+            Some((kind, _)) if kind != KINDS[2] => return None,
+            Some(_) => {}
+        }
+        if !keys.insert(k.as_str()) {
+            return None;
+        }
+        if let Some(old) = kvs.get(k) {
+            delta.removed.push(one(old)?);
+        }
+        if let Some(new) = new {
+            delta.added.push(one(new)?);
+        }
+    }
+    // Where the replaced interfaces are (each exactly once).
+    let mut gone = Vec::with_capacity(delta.removed.len());
+    for r in &delta.removed {
+        let at = state.network_interfaces.iter().position(|n| n == r)?;
+        if gone.contains(&at) {
+            return None;
+        }
+        gone.push(at);
+    }
+    if !state.check_interfaces_of(&delta.added).is_empty() {
+        return None;
+    }
+    // Ids, MACs and private addresses stay unique (SPEC §3).
+    let mut ids = std::collections::HashSet::new();
+    let mut macs = std::collections::HashSet::new();
+    let mut addresses = std::collections::HashSet::new();
+    for n in &delta.added {
+        let fresh = ids.insert(n.id.as_str())
+            && n.mac.as_deref().is_none_or(|m| macs.insert(m))
+            && n.addresses().all(|a| addresses.insert(a));
+        if !fresh {
+            return None;
+        }
+    }
+    let clash = state
+        .network_interfaces
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !gone.contains(i))
+        .any(|(_, n)| {
+            ids.contains(n.id.as_str())
+                || n.mac.as_deref().is_some_and(|m| macs.contains(m))
+                || n.addresses().any(|a| addresses.contains(&a))
+        });
+    if clash {
+        return None;
+    }
+    gone.sort_unstable();
+    for at in gone.into_iter().rev() {
+        state.network_interfaces.remove(at);
+    }
+    for n in &delta.added {
+        let at = state.network_interfaces.partition_point(|m| m.id < n.id);
+        state.network_interfaces.insert(at, n.clone());
+    }
+    Some(delta)
 }
 
 #[derive(Debug, thiserror::Error)]
