@@ -2,11 +2,12 @@
 //! side with its baseline, and written to docs/benchmarks.md (one section per benchmark)
 //! and target/bench/results.json (median, min, max and ratio of each figure).
 //!
-//! sg-bench <compile|datapath|agent|all> [--quick|--smoke]
+//! sg-bench <compile|datapath|agent|peers|fleet|all> [--quick|--smoke]
 
 mod agent;
 mod compile;
 mod datapath;
+mod fleet;
 mod object;
 mod peers;
 mod report;
@@ -67,8 +68,16 @@ fn main() -> ExitCode {
             &mut |name, md, v| publish(name, md, v),
         );
     }
-    if !["all", "compile", "datapath", "agent", "peers"].contains(&what) {
-        eprintln!("sg-bench: unknown benchmark {what:?} (all, compile, datapath, agent, peers)");
+    if run("fleet") {
+        if !require_root("bench fleet") {
+            return ExitCode::FAILURE;
+        }
+        fleet::bench_fleet(mode, &mut |name, md, v| publish(name, md, v));
+    }
+    if !["all", "compile", "datapath", "agent", "peers", "fleet"].contains(&what) {
+        eprintln!(
+            "sg-bench: unknown benchmark {what:?} (all, compile, datapath, agent, peers, fleet)"
+        );
         return ExitCode::from(64);
     }
     eprintln!("sg-bench: done in {:.0?}", started.elapsed());

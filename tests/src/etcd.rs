@@ -208,6 +208,11 @@ impl Etcd {
             .expect("sg-agent publish")
     }
 
+    /// The etcd process's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path("etcd.log")).unwrap_or_default()
     }

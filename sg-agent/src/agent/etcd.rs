@@ -253,20 +253,7 @@ impl Agent {
         }
         let delta =
             source::etcd::apply_interfaces(&opts.prefix, &view.kvs, &mut loaded.state, &c.changes)?;
-        let mut holders: HashMap<IpAddr, usize> = delta
-            .added
-            .iter()
-            .chain(&delta.removed)
-            .flat_map(|n| n.addresses())
-            .map(|a| (a, 0))
-            .collect();
-        for n in &loaded.state.network_interfaces {
-            for a in n.addresses() {
-                if let Some(count) = holders.get_mut(&a) {
-                    *count += 1;
-                }
-            }
-        }
+        let holders = delta.holders(&loaded.state);
         Some((delta, holders))
     }
 

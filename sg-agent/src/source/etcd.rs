@@ -214,6 +214,28 @@ pub fn apply_interfaces(
     Some(delta)
 }
 
+impl InterfaceDelta {
+    /// How many interfaces of `state` (after the delta) hold each address of the
+    /// interfaces it replaced or added: what the incremental compile needs to know.
+    pub fn holders(&self, state: &State) -> std::collections::HashMap<std::net::IpAddr, usize> {
+        let mut holders: std::collections::HashMap<_, usize> = self
+            .added
+            .iter()
+            .chain(&self.removed)
+            .flat_map(|n| n.addresses())
+            .map(|a| (a, 0))
+            .collect();
+        for n in &state.network_interfaces {
+            for a in n.addresses() {
+                if let Some(count) = holders.get_mut(&a) {
+                    *count += 1;
+                }
+            }
+        }
+        holders
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
     #[error("etcd {endpoint}: {what}")]
