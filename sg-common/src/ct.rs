@@ -1,7 +1,7 @@
 //! Connection-tracking decisions: TCP state transitions and idle-timeout choice. Pure
 //! functions, unit-tested here and compiled into the kernel program.
 
-use crate::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+use crate::{CtEntry, CtKey, TcpSide, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
 // TCP states (`CtEntry::tcp_state`).
 pub const TCP_NONE: u8 = 0;
@@ -133,6 +133,130 @@ pub fn tcp_next(state: u8, from_origin: bool, tcp_flags: u8, ct_flags: u8) -> (u
         next
     };
     (next, flags)
+}
+
+// `TcpSide::known`.
+/// `end` holds the sender's next sequence number.
+pub const SIDE_END: u8 = 1;
+/// `ack` and `win` hold the sender's last acknowledgement and window.
+pub const SIDE_ACK: u8 = 2;
+
+/// What the sequence checks need of one TCP segment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Segment {
+    pub flags: u8,
+    pub seq: u32,
+    pub ack: u32,
+    pub win: u16,
+    /// Payload bytes, plus one each for SYN and FIN.
+    pub len: u32,
+}
+
+/// Whether a RST or FIN sent in direction `dir` has a plausible sequence number for the
+/// flow (SPEC §1.11; RFC 5961 §3 as a middlebox sees it): from the other side's last
+/// acknowledgement up to what the sender was seen to send, plus the window the other
+/// side last advertised (unscaled: bytes sent past what this host saw, up to 64 KiB). A
+/// real stack's RST carries its next sequence number, which lies in that range; a blind
+/// forged one must guess it among 2³². In SYN_SENT, an answer must acknowledge the SYN
+/// (RFC 793). With nothing known of the other side, only the sender's own next sequence
+/// number is plausible; with nothing known of either (a flow carried over from an
+/// earlier build), the segment is accepted and the flow learnt, as netfilter picks up a
+/// connection.
+#[inline(always)]
+pub fn tcp_seq_plausible(e: &CtEntry, dir: u8, seg: &Segment) -> bool {
+    let d = (dir & 1) as usize;
+    let (s, r) = (&e.tcp[d], &e.tcp[d ^ 1]);
+    if e.tcp_state == TCP_SYN_SENT && dir != e.origin {
+        return seg.flags & TH_ACK != 0 && r.known & SIDE_END != 0 && seg.ack == r.end;
+    }
+    let window = (r.win as u32).max(1);
+    if r.known & SIDE_ACK != 0 {
+        // How far past the other side's acknowledgement the sender was seen to send.
+        let sent = if s.known & SIDE_END != 0 && (s.end.wrapping_sub(r.ack) as i32) > 0 {
+            s.end.wrapping_sub(r.ack)
+        } else {
+            0
+        };
+        return seg.seq.wrapping_sub(r.ack) <= sent.saturating_add(window);
+    }
+    if s.known & SIDE_END != 0 {
+        return seg.seq == s.end;
+    }
+    true
+}
+
+/// Records what the sender in direction `dir` sent: its next sequence number (only ever
+/// forward), and its acknowledgement and window when the acknowledgement is plausible
+/// (not beyond what the other side was seen to send: a forged ACK does not move the
+/// range the other side's RSTs are checked against).
+#[inline(always)]
+pub fn tcp_record(e: &mut CtEntry, dir: u8, seg: &Segment) {
+    let d = (dir & 1) as usize;
+    let (r_known, r_end) = (e.tcp[d ^ 1].known, e.tcp[d ^ 1].end);
+    let s = &mut e.tcp[d];
+    let end = seg.seq.wrapping_add(seg.len);
+    if s.known & SIDE_END == 0 || (end.wrapping_sub(s.end) as i32) > 0 {
+        s.end = end;
+        s.known |= SIDE_END;
+    }
+    if seg.flags & TH_ACK != 0 {
+        let acks_sent = r_known & SIDE_END == 0 || (r_end.wrapping_sub(seg.ack) as i32) >= 0;
+        let newer = s.known & SIDE_ACK == 0 || (seg.ack.wrapping_sub(s.ack) as i32) >= 0;
+        if acks_sent && newer {
+            s.ack = seg.ack;
+            s.win = seg.win;
+            s.known |= SIDE_ACK;
+        }
+    }
+}
+
+/// The sequence tracking of a SYN that opens a flow in direction `dir`.
+#[inline(always)]
+pub fn tcp_open_sides(dir: u8, seg: &Segment) -> [TcpSide; 2] {
+    let mut sides = [TcpSide::default(); 2];
+    let s = &mut sides[(dir & 1) as usize];
+    s.end = seg.seq.wrapping_add(seg.len);
+    s.known = SIDE_END;
+    sides
+}
+
+/// How many slots of `SG_CT_SLOTS` a promotion probes for a free one (from the key's
+/// hash on), how many it sweeps for expired flows, and how many more when the table is
+/// full (bounded by the verifier's budget).
+pub const SLOT_PROBES: u32 = 4;
+pub const SLOT_SWEEP_EACH: u32 = 2;
+pub const SLOT_SWEEP: u32 = 8;
+
+/// The slot of `SG_CT_SLOTS` where the probe for `key` starts: a multiplicative hash of
+/// the key's words, the same in the kernel and in user space.
+#[inline(always)]
+pub fn ct_slot_of(key: &CtKey, slots: u32) -> u32 {
+    let w = |b: &[u8], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let mut h: u32 = 0x811c_9dc5 ^ key.ifindex;
+    let mut mix = |x: u32| {
+        h = (h ^ x).wrapping_mul(0x9e37_79b1).rotate_left(13);
+    };
+    mix(u32::from_le_bytes([
+        key.family,
+        key.protocol,
+        key.local_port[0],
+        key.local_port[1],
+    ]));
+    mix(u32::from_le_bytes([
+        key.remote_port[0],
+        key.remote_port[1],
+        0,
+        0,
+    ]));
+    for i in 0..4 {
+        mix(w(&key.local, i * 4));
+        mix(w(&key.remote, i * 4));
+    }
+    if slots == 0 {
+        0
+    } else {
+        h % slots
+    }
 }
 
 /// The state a flow opens in: only a SYN opens one (`tcp_opens`).

@@ -129,7 +129,9 @@ pub mod drop_reason {
     pub const INVALID_TCP_FLAGS: u32 = 12;
     /// A second IPv6 fragment header (SPEC §2).
     pub const FRAGMENT_HEADER_TWICE: u32 = 13;
-    pub const COUNT: u32 = 14;
+    /// A RST whose sequence number is not plausible for its flow (SPEC §1.11).
+    pub const TCP_OUT_OF_WINDOW: u32 = 14;
+    pub const COUNT: u32 = 15;
     pub const NAMES: [&str; COUNT as usize] = [
         "none",
         "policy",
@@ -145,6 +147,7 @@ pub mod drop_reason {
         "bad_ip_version",
         "invalid_tcp_flags",
         "fragment_header_twice",
+        "tcp_out_of_window",
     ];
 }
 

@@ -128,7 +128,9 @@ pub struct GlobalConfig {
     pub clock_offset_ns: u64,
     /// Denied-flow events per second per CPU (0 = none).
     pub deny_events_per_sec: u32,
-    pub flags: u32,
+    /// Entries of `SG_CT_SLOTS`, the index of the established table that lets the
+    /// datapath expire flows by itself (0: none yet; the agent sets it at every start).
+    pub ct_slots: u32,
 }
 const _: () = assert!(size_of::<GlobalConfig>() == 16);
 
@@ -169,8 +171,61 @@ pub struct CtEntry {
     /// `ct::FLAG_*`.
     pub flags: u8,
     pub _pad: u8,
+    /// TCP: what each direction's sender was last seen to send and acknowledge, indexed
+    /// by direction, for the sequence checks of RST and FIN (SPEC §1.11).
+    pub tcp: [TcpSide; 2],
 }
-const _: () = assert!(size_of::<CtEntry>() == 56);
+const _: () = assert!(size_of::<CtEntry>() == 80);
+
+/// One TCP sender of a flow, as conntrack saw it (`ct::SIDE_*` say what is known).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct TcpSide {
+    /// The sequence number after the last byte (SYN and FIN count one) it sent.
+    pub end: u32,
+    /// Its last acknowledgement, and the window it advertised with it (unscaled).
+    pub ack: u32,
+    pub win: u16,
+    pub known: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<TcpSide>() == 12);
+
+/// The conntrack entry of the build before sequence tracking (pinned as `SG_CT` and
+/// `SG_CT_NEW`): read once, when an upgraded agent moves its flows into the new tables.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtEntryV1 {
+    pub last_seen_ns: u64,
+    pub created_ns: u64,
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+    pub rule_id: u32,
+    pub origin: u8,
+    pub tcp_state: u8,
+    pub flags: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<CtEntryV1>() == 56);
+
+impl CtEntryV1 {
+    /// The same flow with nothing known of its sequence numbers (learnt from its next
+    /// packets, as netfilter picks up a connection).
+    pub fn upgrade(&self) -> CtEntry {
+        CtEntry {
+            last_seen_ns: self.last_seen_ns,
+            created_ns: self.created_ns,
+            packets: self.packets,
+            bytes: self.bytes,
+            rule_id: self.rule_id,
+            origin: self.origin,
+            tcp_state: self.tcp_state,
+            flags: self.flags,
+            _pad: 0,
+            tcp: [TcpSide::default(); 2],
+        }
+    }
+}
 
 /// Key of a remembered first-fragment verdict.
 #[repr(C)]
@@ -301,6 +356,7 @@ mod pod {
     unsafe impl aya::Pod for GlobalConfig {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for CtEntryV1 {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragEntry {}
     unsafe impl aya::Pod for Counters {}

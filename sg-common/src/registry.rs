@@ -59,6 +59,8 @@ pub enum Sizing {
     Fixed,
     Conntrack,
     ConntrackNew,
+    /// Twice the conntrack size, plus one.
+    ConntrackSlots,
     Addresses,
     Networks,
     Ports,
@@ -104,7 +106,7 @@ pub const STATUS: MapSpec = MapSpec {
         "the agent's status document (JSON), readable from the pins whether or not the agent runs",
 };
 pub const CT: MapSpec = MapSpec {
-    name: "SG_CT",
+    name: "SG_CT_V2",
     kind: MapKind::Hash,
     key_size: size_of::<CtKey>() as u32,
     value_size: size_of::<CtEntry>() as u32,
@@ -115,7 +117,7 @@ pub const CT: MapSpec = MapSpec {
     holds: "established (assured) flows; new flows can never evict these",
 };
 pub const CT_NEW: MapSpec = MapSpec {
-    name: "SG_CT_NEW",
+    name: "SG_CT_NEW_V2",
     kind: MapKind::LruHash,
     key_size: size_of::<CtKey>() as u32,
     value_size: size_of::<CtEntry>() as u32,
@@ -124,6 +126,18 @@ pub const CT_NEW: MapSpec = MapSpec {
     sizing: Sizing::ConntrackNew,
     writer: Writer::Both,
     holds: "embryonic flows (one direction seen); LRU, so floods only evict each other",
+};
+pub const CT_SLOTS: MapSpec = MapSpec {
+    name: "SG_CT_SLOTS",
+    kind: MapKind::Array,
+    key_size: 4,
+    value_size: size_of::<CtKey>() as u32,
+    max_entries: 2 * 262_144 + 1,
+    no_prealloc: false,
+    sizing: Sizing::ConntrackSlots,
+    writer: Writer::Datapath,
+    holds: "the established table's index (a key per slot, twice its size, then the sweep \
+            cursor): how the datapath finds and removes expired flows itself, with or without the agent",
 };
 pub const ADDR4: MapSpec = MapSpec {
     name: "SG_ADDR4",
@@ -200,7 +214,7 @@ pub const GLOBAL: MapSpec = MapSpec {
     no_prealloc: false,
     sizing: Sizing::Fixed,
     writer: Writer::Agent,
-    holds: "global settings: clock offset (tests), denied-event rate",
+    holds: "global settings: clock offset (tests), denied-event rate, size of the conntrack index",
 };
 pub const COUNTERS: MapSpec = MapSpec {
     // _V2: bytes beside packets.
@@ -263,12 +277,12 @@ pub const EVENT_RATE: MapSpec = MapSpec {
 
 /// Pins of maps earlier builds made and this one replaced (a layout change gives a map a
 /// new name): an upgraded agent removes them once it has its own, and so does detach.
-pub const RETIRED: [&str; 3] = ["SG_FRAGS", "SG_COUNTERS", "SG_EVENTS"];
+pub const RETIRED: [&str; 5] = ["SG_FRAGS", "SG_COUNTERS", "SG_EVENTS", "SG_CT", "SG_CT_NEW"];
 
 /// Every map of the enforcing object, in pinning order.
-pub const MAPS: [MapSpec; 15] = [
-    STATUS, CT, CT_NEW, ADDR4, ADDR6, NET4, NET6, PORTS, IFACE, GLOBAL, COUNTERS, RULE_HITS, FRAGS,
-    EVENTS, EVENT_RATE,
+pub const MAPS: [MapSpec; 16] = [
+    STATUS, CT, CT_NEW, CT_SLOTS, ADDR4, ADDR6, NET4, NET6, PORTS, IFACE, GLOBAL, COUNTERS,
+    RULE_HITS, FRAGS, EVENTS, EVENT_RATE,
 ];
 
 /// The spec of the map named `name`.
@@ -282,6 +296,7 @@ pub mod names {
     pub const MAP_STATUS: &str = STATUS.name;
     pub const MAP_CT: &str = CT.name;
     pub const MAP_CT_NEW: &str = CT_NEW.name;
+    pub const MAP_CT_SLOTS: &str = CT_SLOTS.name;
     pub const MAP_ADDR4: &str = ADDR4.name;
     pub const MAP_ADDR6: &str = ADDR6.name;
     pub const MAP_NET4: &str = NET4.name;

@@ -8,7 +8,8 @@ use aya_ebpf::bindings::BPF_NOEXIST;
 use sg_common::{ct::*, *};
 
 use crate::{
-    maps::{SG_CT, SG_CT_NEW},
+    // The tables of this layout (`_V2`: with sequence tracking).
+    maps::{SG_CT_NEW_V2 as SG_CT_NEW, SG_CT_SLOTS, SG_CT_V2 as SG_CT, SG_GLOBAL, SG_IFACE},
     parse::{Ip, L4},
 };
 
@@ -65,12 +66,42 @@ pub enum Track {
     Miss,
     /// The flow became established but the established table is full.
     Full,
+    /// A RST whose sequence number is not plausible for its flow (SPEC §1.11): dropped,
+    /// the flow unchanged.
+    OutOfWindow,
 }
 
-/// Applies one packet to a flow entry: counters, last-seen, TCP state, UDP stream.
+/// What the sequence checks need of a TCP packet.
 #[inline(always)]
-fn update(e: &mut CtEntry, dir: u8, ip: &Ip, len: u32, now: u64) {
+fn segment(ip: &Ip) -> Segment {
+    Segment {
+        flags: ip.l4.tcp_flags,
+        seq: ip.l4.tcp_seq,
+        ack: ip.l4.tcp_ack,
+        win: ip.l4.tcp_win,
+        len: ip.l4.tcp_len,
+    }
+}
+
+/// Applies one packet to a flow entry: counters, last-seen, TCP state and sequence
+/// numbers, UDP stream. False (nothing changed) for a RST out of the flow's window.
+#[inline(always)]
+fn update(e: &mut CtEntry, dir: u8, ip: &Ip, now: u64) -> bool {
+    let len = ip.len;
     let from_origin = dir == e.origin;
+    // A RST or FIN changes the flow only with a plausible sequence number, so a blind
+    // forged one cannot end it: such a RST is dropped; such a FIN passes (a
+    // retransmission of an acknowledged FIN is one) but closes nothing.
+    let mut tcp_flags = ip.l4.tcp_flags;
+    if ip.protocol == PROTO_TCP && tcp_flags & (TH_RST | TH_FIN) != 0 {
+        let seg = segment(ip);
+        if !tcp_seq_plausible(e, dir, &seg) {
+            if tcp_flags & TH_RST != 0 {
+                return false;
+            }
+            tcp_flags &= !TH_FIN;
+        }
+    }
     e.last_seen_ns = now;
     let d = (dir & 1) as usize;
     // XDP or TC ingress and TC egress run on different CPUs at once and share the entry.
@@ -93,7 +124,10 @@ fn update(e: &mut CtEntry, dir: u8, ip: &Ip, len: u32, now: u64) {
     }
     match ip.protocol {
         PROTO_TCP => {
-            let (state, flags) = tcp_next(e.tcp_state, from_origin, ip.l4.tcp_flags, e.flags);
+            let mut seg = segment(ip);
+            seg.flags = tcp_flags;
+            tcp_record(e, dir, &seg);
+            let (state, flags) = tcp_next(e.tcp_state, from_origin, tcp_flags, e.flags);
             e.tcp_state = state;
             e.flags = flags;
         }
@@ -104,6 +138,7 @@ fn update(e: &mut CtEntry, dir: u8, ip: &Ip, len: u32, now: u64) {
         }
         _ => {}
     }
+    true
 }
 
 #[inline(always)]
@@ -114,7 +149,7 @@ fn timeout(cfg: &IfaceConfig, e: &CtEntry, protocol: u8) -> u32 {
 
 /// Looks the packet's flow up in both tables and advances it.
 #[inline(always)]
-pub fn track(key: &CtKey, ip: &Ip, dir: u8, cfg: &IfaceConfig, len: u32, now: u64) -> Track {
+pub fn track(key: &CtKey, ip: &Ip, dir: u8, cfg: &IfaceConfig, now: u64) -> Track {
     if let Some(p) = SG_CT.get_ptr_mut(key) {
         // SAFETY: the pointer is to a live map value; concurrent writers only race on
         // counters and timestamps, which is accepted (as in Cilium).
@@ -122,7 +157,9 @@ pub fn track(key: &CtKey, ip: &Ip, dir: u8, cfg: &IfaceConfig, len: u32, now: u6
         let stale = is_expired(now, e.last_seen_ns, timeout(cfg, e, ip.protocol))
             || (ip.protocol == PROTO_TCP && tcp_reopens(e.tcp_state, ip.l4.tcp_flags));
         if !stale {
-            update(e, dir, ip, len, now);
+            if !update(e, dir, ip, now) {
+                return Track::OutOfWindow;
+            }
             return Track::Hit;
         }
         let _ = SG_CT.remove(key);
@@ -136,7 +173,9 @@ pub fn track(key: &CtKey, ip: &Ip, dir: u8, cfg: &IfaceConfig, len: u32, now: u6
             let _ = SG_CT_NEW.remove(key);
             return Track::Miss;
         }
-        update(e, dir, ip, len, now);
+        if !update(e, dir, ip, now) {
+            return Track::OutOfWindow;
+        }
         if is_assured(ip.protocol, e.tcp_state, e.flags) {
             // Promotion, safe against the other CPU: the copy is inserted first
             // (BPF_NOEXIST: if another CPU promoted first, its entry stands), so a
@@ -147,8 +186,8 @@ pub fn track(key: &CtKey, ip: &Ip, dir: u8, cfg: &IfaceConfig, len: u32, now: u6
             // left (between the merge and the removal) is a few instructions; a packet in
             // it updates an entry about to go and costs at most its own state change,
             // which its peer's next packet repeats.
-            match SG_CT.insert(key, &*e, BPF_NOEXIST as u64) {
-                Ok(()) | Err(-17) => {
+            match promote(key, e, cfg, now) {
+                0 | -17 => {
                     if let (Some(new), Some(est)) = (SG_CT_NEW.get_ptr(key), SG_CT.get_ptr_mut(key))
                     {
                         // SAFETY: live map values of plain old data.
@@ -157,16 +196,118 @@ pub fn track(key: &CtKey, ip: &Ip, dir: u8, cfg: &IfaceConfig, len: u32, now: u6
                             est.last_seen_ns = new.last_seen_ns;
                             est.tcp_state = new.tcp_state;
                             est.flags |= new.flags;
+                            est.tcp = new.tcp;
                         }
                     }
                     let _ = SG_CT_NEW.remove(key);
                 }
-                Err(_) => return Track::Full,
+                // No slot of the index among its probes: it stays embryonic (tracked,
+                // only not protected) and tries again with its next packet.
+                -28 => {}
+                _ => return Track::Full,
             }
         }
         return Track::Hit;
     }
     Track::Miss
+}
+
+/// Inserts an assured flow into the established table with a slot of its index (the
+/// same `BPF_NOEXIST` semantics: -17 when another CPU promoted it first). A full table
+/// is swept for expired flows first, so expired flows never block new ones, whether or
+/// not the agent runs (SPEC §1.11). A flow with no free slot among its probes stays
+/// embryonic (it is still tracked there, only not protected): every established flow
+/// has a slot, so the sweep can find every one of them.
+/// A function of its own, as `open`: the probes and the sweep are off the hot path.
+#[inline(always)]
+fn promote(key: &CtKey, e: &CtEntry, cfg: &IfaceConfig, now: u64) -> i32 {
+    // A plain code, not a `Result`: a BPF-to-BPF call returns in one register.
+    let code = |r: Result<(), i32>| r.err().unwrap_or(0);
+    let slots = SG_GLOBAL.get(0).map_or(0, |g| g.ct_slots);
+    if slots == 0 {
+        return code(SG_CT.insert(key, e, BPF_NOEXIST as u64));
+    }
+    let Some(slot) = free_slot(key, slots, cfg, now) else {
+        return -28;
+    };
+    sweep::<SLOT_SWEEP_EACH>(slots, key.ifindex, cfg, now);
+    let mut result = code(SG_CT.insert(key, e, BPF_NOEXIST as u64));
+    if result == -7 {
+        // E2BIG: full. Reclaim the expired flows of a longer stretch, then retry.
+        sweep::<SLOT_SWEEP>(slots, key.ifindex, cfg, now);
+        result = code(SG_CT.insert(key, e, BPF_NOEXIST as u64));
+    }
+    if result == 0 {
+        if let Some(p) = SG_CT_SLOTS.get_ptr_mut(slot) {
+            // SAFETY: a live map value of plain old data.
+            unsafe { *p = *key };
+        }
+    }
+    result
+}
+
+/// Whether the established flow a slot names is gone or expired (removing it if
+/// expired): either way the slot is free to reuse. `cfg` is the configuration of
+/// interface `ifindex`; a slot naming another interface's flow uses that one's.
+#[inline(always)]
+fn reclaim(k: &CtKey, ifindex: u32, cfg: &IfaceConfig, now: u64) -> bool {
+    if k.ifindex == 0 {
+        return true;
+    }
+    // SAFETY: read-only lookups of plain-old-data values.
+    let Some(e) = (unsafe { SG_CT.get(k) }) else {
+        return true;
+    };
+    let cfg = if k.ifindex == ifindex {
+        cfg
+    } else {
+        match unsafe { SG_IFACE.get(&k.ifindex) } {
+            Some(c) => c,
+            // Not an enforced interface any more: the agent's GC removes its flows.
+            None => return false,
+        }
+    };
+    if is_expired(now, e.last_seen_ns, timeout(cfg, e, k.protocol)) {
+        let _ = SG_CT.remove(k);
+        return true;
+    }
+    false
+}
+
+/// A slot for `key` among its probes: empty, naming a flow that is gone, or naming an
+/// expired flow (which is removed).
+#[inline(always)]
+fn free_slot(key: &CtKey, slots: u32, cfg: &IfaceConfig, now: u64) -> Option<u32> {
+    let start = ct_slot_of(key, slots);
+    for i in 0..SLOT_PROBES {
+        let slot = (start + i) % slots;
+        let k = SG_CT_SLOTS.get(slot)?;
+        if *k == *key || reclaim(k, key.ifindex, cfg, now) {
+            return Some(slot);
+        }
+    }
+    None
+}
+
+/// Looks at `N` slots of the index from the sweep cursor on, removing expired flows, and
+/// moves the cursor past them: the datapath's own garbage collection, a few slots per
+/// promotion and more when the table is full, so it goes round the whole index whether or
+/// not the agent runs. The cursor is the index's last element (its `ifindex`); CPUs
+/// racing on it sweep a stretch twice, which is harmless.
+#[inline(always)]
+fn sweep<const N: u32>(slots: u32, ifindex: u32, cfg: &IfaceConfig, now: u64) {
+    let Some(cursor) = SG_CT_SLOTS.get_ptr_mut(slots) else {
+        return;
+    };
+    // SAFETY: a live map value of plain old data.
+    let at = unsafe { (*cursor).ifindex } % slots;
+    for i in 0..N {
+        if let Some(k) = SG_CT_SLOTS.get((at + i) % slots) {
+            let _ = reclaim(k, ifindex, cfg, now);
+        }
+    }
+    // SAFETY: as above.
+    unsafe { (*cursor).ifindex = (at + N) % slots };
 }
 
 /// Whether a table holds a live (unexpired) flow for `key` (for related ICMP errors).
@@ -177,10 +318,22 @@ pub fn exists(key: &CtKey, cfg: &IfaceConfig, now: u64) -> bool {
     unsafe { SG_CT.get(key).is_some_and(live) || SG_CT_NEW.get(key).is_some_and(live) }
 }
 
+/// What opens a flow besides the packet: its direction, the admitting rule and the time
+/// (one argument: a BPF-to-BPF call takes at most five).
+pub struct Opening {
+    pub dir: u8,
+    pub rule_id: u32,
+    pub now: u64,
+}
+
 /// Opens a flow for an allowed first packet. Insertion is `BPF_NOEXIST`, so XDP and TC on
-/// two CPUs cannot clobber each other's entry.
-#[inline(always)]
-pub fn open(key: &CtKey, ip: &Ip, dir: u8, rule_id: u32, len: u32, now: u64) {
+/// two CPUs cannot clobber each other's entry. A function of its own (a BPF-to-BPF call):
+/// the new entry's frame is on the stack only while it is built, not beside the whole
+/// policy path's.
+#[inline(never)]
+pub fn open(key: &CtKey, ip: &Ip, opening: &Opening) {
+    let (dir, rule_id, now) = (opening.dir, opening.rule_id, opening.now);
+    let len = ip.len;
     let mut e = CtEntry {
         last_seen_ns: now,
         created_ns: now,
@@ -195,6 +348,11 @@ pub fn open(key: &CtKey, ip: &Ip, dir: u8, rule_id: u32, len: u32, now: u64) {
         },
         flags: 0,
         _pad: 0,
+        tcp: if ip.protocol == PROTO_TCP {
+            tcp_open_sides(dir, &segment(ip))
+        } else {
+            [TcpSide::default(); 2]
+        },
     };
     let d = (dir & 1) as usize;
     e.packets[d] = 1;

@@ -68,6 +68,14 @@ mod programs {
     /// headers, which is all the parser needs.
     #[inline(always)]
     fn try_tc(ctx: &TcContext, dir: u8) -> Result<(), Drop> {
+        pull_headers(ctx);
+        process(&TcFrame(ctx), dir)
+    }
+
+    /// A function of its own (a BPF-to-BPF call): whether it pulled or not, nothing it
+    /// computed outlives it, so the verifier sees one state after it, not one per branch.
+    #[inline(never)]
+    fn pull_headers(ctx: &TcContext) {
         let len = ctx.len();
         let linear = (ctx.data_end() - ctx.data()) as u32;
         if linear < len {
@@ -76,7 +84,6 @@ mod programs {
                 let _ = ctx.pull_data(need);
             }
         }
-        process(&TcFrame(ctx), dir)
     }
 
     #[panic_handler]

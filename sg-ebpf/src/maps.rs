@@ -19,13 +19,18 @@ const fn flags(s: MapSpec) -> u32 {
 
 /// See `registry::CT.holds`.
 #[map]
-pub static SG_CT: HashMap<CtKey, CtEntry> =
+pub static SG_CT_V2: HashMap<CtKey, CtEntry> =
     HashMap::with_max_entries(spec::CT.max_entries, flags(spec::CT));
 
 /// See `registry::CT_NEW.holds`.
 #[map]
-pub static SG_CT_NEW: LruHashMap<CtKey, CtEntry> =
+pub static SG_CT_NEW_V2: LruHashMap<CtKey, CtEntry> =
     LruHashMap::with_max_entries(spec::CT_NEW.max_entries, flags(spec::CT_NEW));
+
+/// See `registry::CT_SLOTS.holds`.
+#[map]
+pub static SG_CT_SLOTS: Array<CtKey> =
+    Array::with_max_entries(spec::CT_SLOTS.max_entries, flags(spec::CT_SLOTS));
 
 /// See `registry::ADDR4.holds`.
 #[map]

@@ -8,7 +8,7 @@ use aya_ebpf::{
     helpers::generated::bpf_xdp_get_buff_len,
     programs::{TcContext, XdpContext},
 };
-use sg_common::{drop_reason as dr, *};
+use sg_common::{ct, drop_reason as dr, *};
 
 /// A packet buffer: XDP or TC.
 pub trait Frame {
@@ -92,7 +92,7 @@ pub const FRAG_FIRST: u8 = 1;
 pub const FRAG_LATER: u8 = 2;
 
 /// What the datapath knows about an IP packet.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 pub struct Ip {
     pub family: u8,
     pub protocol: u8,
@@ -117,14 +117,11 @@ pub struct L4 {
     pub tcp_flags: u8,
     pub icmp_type: u8,
     pub icmp_code: u8,
-}
-
-pub enum Parsed {
-    Ip(Ip),
-    /// Not IP (including ARP): security groups do not filter it.
-    NotIp {
-        arp: bool,
-    },
+    pub tcp_win: u16,
+    pub tcp_seq: u32,
+    pub tcp_ack: u32,
+    /// TCP: payload bytes, plus one each for SYN and FIN.
+    pub tcp_len: u32,
 }
 
 use ethertype::{
@@ -132,9 +129,25 @@ use ethertype::{
     VLAN as ETH_P_8021Q,
 };
 
-/// Parses the frame from the Ethernet header on.
+/// What `parse_into` found besides an IP packet.
+pub const PARSED_IP: i32 = 0;
+pub const PARSED_NOT_IP: i32 = -1;
+pub const PARSED_ARP: i32 = -2;
+
+/// Parses the frame from the Ethernet header on, into `ip` (written in place: the header
+/// walk keeps few values live). A function of its own (a BPF-to-BPF call), for the
+/// programs' one call: its registers spill into its own frame, which is gone before the
+/// policy path runs. Returns `PARSED_*` or a drop reason.
+#[inline(never)]
+pub fn parse_into(f: &impl Frame, ip: &mut Ip) -> i32 {
+    match parse(f, ip) {
+        Ok(code) => code,
+        Err(reason) => reason as i32,
+    }
+}
+
 #[inline(always)]
-pub fn parse(f: &impl Frame) -> Result<Parsed, u32> {
+fn parse(f: &impl Frame, ip: &mut Ip) -> Result<i32, u32> {
     let mut proto = be16(read::<[u8; 2]>(f, 12, dr::TRUNCATED_ETHERNET)?);
     let mut off = 14usize;
     // Up to two VLAN tags (802.1ad outer, 802.1Q inner).
@@ -150,15 +163,15 @@ pub fn parse(f: &impl Frame) -> Result<Parsed, u32> {
         }
     }
     match proto {
-        ETH_P_IP => parse_ipv4(f, off).map(Parsed::Ip),
-        ETH_P_IPV6 => parse_ipv6(f, off).map(Parsed::Ip),
-        ETH_P_ARP => Ok(Parsed::NotIp { arp: true }),
-        _ => Ok(Parsed::NotIp { arp: false }),
+        ETH_P_IP => parse_ipv4(f, off, ip).map(|_| PARSED_IP),
+        ETH_P_IPV6 => parse_ipv6(f, off, ip).map(|_| PARSED_IP),
+        ETH_P_ARP => Ok(PARSED_ARP),
+        _ => Ok(PARSED_NOT_IP),
     }
 }
 
 #[inline(always)]
-fn parse_ipv4(f: &impl Frame, off: usize) -> Result<Ip, u32> {
+fn parse_ipv4(f: &impl Frame, off: usize, ip: &mut Ip) -> Result<(), u32> {
     let h = read::<[u8; 20]>(f, off, dr::TRUNCATED_IP)?;
     if h[0] >> 4 != 4 {
         return Err(dr::BAD_IP_VERSION);
@@ -191,18 +204,13 @@ fn parse_ipv4(f: &impl Frame, off: usize) -> Result<Ip, u32> {
     } else {
         FRAG_NONE
     };
-    let mut ip = Ip {
-        family: FAMILY_V4,
-        protocol: h[9],
-        src: [0; 16],
-        dst: [0; 16],
-        l4: L4::default(),
-        frag,
-        frag_id: be16([h[4], h[5]]) as u32,
-        l4_off: off + ihl,
-        len: (off + total) as u32,
-        hop_limit: h[8],
-    };
+    ip.family = FAMILY_V4;
+    ip.protocol = h[9];
+    ip.frag = frag;
+    ip.frag_id = be16([h[4], h[5]]) as u32;
+    ip.l4_off = off + ihl;
+    ip.len = (off + total) as u32;
+    ip.hop_limit = h[8];
     ip.src[..4].copy_from_slice(&h[12..16]);
     ip.dst[..4].copy_from_slice(&h[16..20]);
     // Options must be present in full.
@@ -210,9 +218,9 @@ fn parse_ipv4(f: &impl Frame, off: usize) -> Result<Ip, u32> {
         read::<[u8; 1]>(f, off + ihl - 1, dr::TRUNCATED_IP)?;
     }
     if frag != FRAG_LATER {
-        ip.l4 = parse_l4(f, ip.protocol, ip.l4_off, ip.len as usize)?;
+        parse_l4(f, ip.protocol, ip.l4_off, ip.len as usize, &mut ip.l4)?;
     }
-    Ok(ip)
+    Ok(())
 }
 
 const NEXTHDR_HOP: u8 = 0;
@@ -222,7 +230,7 @@ const NEXTHDR_AUTH: u8 = 51;
 const NEXTHDR_DEST: u8 = 60;
 
 #[inline(always)]
-fn parse_ipv6(f: &impl Frame, off: usize) -> Result<Ip, u32> {
+fn parse_ipv6(f: &impl Frame, off: usize, ip: &mut Ip) -> Result<(), u32> {
     let h = read::<[u8; 40]>(f, off, dr::TRUNCATED_IP)?;
     if h[0] >> 4 != 6 {
         return Err(dr::BAD_IP_VERSION);
@@ -236,18 +244,13 @@ fn parse_ipv6(f: &impl Frame, off: usize) -> Result<Ip, u32> {
     {
         return Err(dr::BAD_LENGTH);
     }
-    let mut ip = Ip {
-        family: FAMILY_V6,
-        protocol: h[6],
-        src: [0; 16],
-        dst: [0; 16],
-        l4: L4::default(),
-        frag: FRAG_NONE,
-        frag_id: 0,
-        l4_off: off + 40,
-        len: (off + 40 + payload) as u32,
-        hop_limit: h[7],
-    };
+    ip.family = FAMILY_V6;
+    ip.protocol = h[6];
+    ip.frag = FRAG_NONE;
+    ip.frag_id = 0;
+    ip.l4_off = off + 40;
+    ip.len = (off + 40 + payload) as u32;
+    ip.hop_limit = h[7];
     ip.src.copy_from_slice(&h[8..24]);
     ip.dst.copy_from_slice(&h[24..40]);
     let mut next = ip.protocol;
@@ -307,17 +310,16 @@ fn parse_ipv6(f: &impl Frame, off: usize) -> Result<Ip, u32> {
     ip.protocol = next;
     ip.l4_off = pos & 0x3fff;
     if ip.frag != FRAG_LATER {
-        ip.l4 = parse_l4(f, ip.protocol, ip.l4_off, ip.len as usize)?;
+        parse_l4(f, ip.protocol, ip.l4_off, ip.len as usize, &mut ip.l4)?;
     }
-    Ok(ip)
+    Ok(())
 }
 
 /// The L4 fields at `off`; the header must lie wholly inside the IP packet, which ends
 /// at `end` (bytes past the IP length are never read as headers, SPEC §2; a first
 /// fragment too short for the whole TCP header is dropped, RFC 1858).
 #[inline(always)]
-fn parse_l4(f: &impl Frame, protocol: u8, off: usize, end: usize) -> Result<L4, u32> {
-    let mut l4 = L4::default();
+fn parse_l4(f: &impl Frame, protocol: u8, off: usize, end: usize, l4: &mut L4) -> Result<(), u32> {
     let fits = |size: usize| {
         if off + size <= end {
             Ok(())
@@ -337,6 +339,13 @@ fn parse_l4(f: &impl Frame, protocol: u8, off: usize, end: usize) -> Result<L4, 
             }
             fits(doff * 4)?;
             l4.tcp_flags = t[13];
+            l4.tcp_seq = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
+            l4.tcp_ack = u32::from_be_bytes([t[8], t[9], t[10], t[11]]);
+            l4.tcp_win = be16([t[14], t[15]]);
+            let flags = t[13];
+            let payload = end.saturating_sub(off + doff * 4) as u32;
+            l4.tcp_len =
+                payload + (flags & ct::TH_SYN != 0) as u32 + (flags & ct::TH_FIN != 0) as u32;
         }
         PROTO_UDP => {
             fits(8)?;
@@ -353,7 +362,7 @@ fn parse_l4(f: &impl Frame, protocol: u8, off: usize, end: usize) -> Result<L4, 
         }
         _ => {}
     }
-    Ok(l4)
+    Ok(())
 }
 
 /// Whether an ICMP message is an error that carries the header of the packet it is about.

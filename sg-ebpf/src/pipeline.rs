@@ -14,7 +14,7 @@ use crate::{
     conntrack::{self, Track},
     fragment,
     maps::{SG_GLOBAL, SG_IFACE},
-    parse::{self, Frame, Ip, Parsed, FRAG_FIRST, FRAG_LATER},
+    parse::{self, Frame, Ip, FRAG_FIRST, FRAG_LATER},
     policy,
 };
 
@@ -87,23 +87,24 @@ pub fn process(f: &impl Frame, dir: u8) -> Result<(), Drop> {
 
 #[inline(always)]
 fn judge(f: &impl Frame, cfg: &IfaceConfig, ifindex: u32, dir: u8, bytes: u32) -> Result<(), Drop> {
-    let ip = match parse::parse(f) {
-        Ok(Parsed::Ip(ip)) => ip,
-        Ok(Parsed::NotIp { arp }) => {
+    let mut ip = Ip::default();
+    match parse::parse_into(f, &mut ip) {
+        parse::PARSED_IP => {}
+        parse::PARSED_ARP => {
+            count(cfg.counter_slot, dir, counter::INFRASTRUCTURE, bytes);
+            return Ok(());
+        }
+        parse::PARSED_NOT_IP => {
+            count(cfg.counter_slot, dir, counter::NOT_IP, bytes);
+            return Ok(());
+        }
+        reason => {
             count(
                 cfg.counter_slot,
                 dir,
-                if arp {
-                    counter::INFRASTRUCTURE
-                } else {
-                    counter::NOT_IP
-                },
+                counter::drop_slot(reason as u32),
                 bytes,
             );
-            return Ok(());
-        }
-        Err(reason) => {
-            count(cfg.counter_slot, dir, counter::drop_slot(reason), bytes);
             return Err(Drop::Malformed);
         }
     };
@@ -122,7 +123,12 @@ fn judge(f: &impl Frame, cfg: &IfaceConfig, ifindex: u32, dir: u8, bytes: u32) -
         count(cfg.counter_slot, dir, counter::INFRASTRUCTURE, bytes);
         return Ok(());
     }
-    let pass = decide(f, cfg, ifindex, dir, &ip, bytes);
+    let (now, deny_rate) = now_ns();
+    // One place denies (one copy of the event code on the program's stack).
+    let pass = match decide(f, cfg, ifindex, dir, &ip, bytes, now, deny_rate) {
+        Ok(()) => true,
+        Err(reason) => deny(cfg, ifindex, dir, &ip, reason, now, deny_rate, bytes),
+    };
     if ip.frag == FRAG_FIRST && pass {
         let now_s = (now_ns().0 / 1_000_000_000) as u32;
         fragment::remember(ifindex, dir, &ip, now_s);
@@ -165,76 +171,57 @@ fn deny(
     false
 }
 
+/// Whether the packet passes (policy and conntrack); `Err` names the drop reason.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn decide(f: &impl Frame, cfg: &IfaceConfig, ifindex: u32, dir: u8, ip: &Ip, bytes: u32) -> bool {
-    let (now, deny_rate) = now_ns();
+fn decide(
+    f: &impl Frame,
+    cfg: &IfaceConfig,
+    ifindex: u32,
+    dir: u8,
+    ip: &Ip,
+    bytes: u32,
+    now: u64,
+    deny_rate: u32,
+) -> Result<(), u32> {
     if ip.protocol == PROTO_TCP && !ct::tcp_flags_valid(ip.l4.tcp_flags) {
-        return deny(
-            cfg,
-            ifindex,
-            dir,
-            ip,
-            drop_reason::INVALID_TCP_FLAGS,
-            now,
-            deny_rate,
-            bytes,
-        );
+        return Err(drop_reason::INVALID_TCP_FLAGS);
     }
     let icmp_error = parse::is_icmp_error(ip.family, ip.protocol, ip.l4.icmp_type);
     if icmp_error {
         // The quoted packet travelled the other way and names the flow it is about. As in
         // netfilter, the error goes to the endpoint that sent the quoted packet, and the
         // flow must be live: otherwise it is judged by the rules like any packet.
-        if let Ok(inner) = parse::parse_embedded(f, ip) {
-            if ip.dst == inner.src
-                && conntrack::exists(&conntrack::key_of(ifindex, opposite(dir), &inner), cfg, now)
-            {
-                count(cfg.counter_slot, dir, counter::ALLOWED_RELATED, bytes);
-                return true;
-            }
+        if related(f, ip, cfg, dir, now) {
+            count(cfg.counter_slot, dir, counter::ALLOWED_RELATED, bytes);
+            return Ok(());
         }
     }
     let query = conntrack::query_of(ip);
     // Only ICMP queries are tracked: any other ICMP is judged by the rules, packet by
     // packet, and never matches a flow.
     let trackable = !matches!(ip.protocol, PROTO_ICMP | PROTO_ICMPV6) || query.is_some();
-    let len = ip.len;
     let key = conntrack::key_of(ifindex, dir, ip);
     let tracked = if trackable {
-        conntrack::track(&key, ip, dir, cfg, len, now)
+        conntrack::track(&key, ip, dir, cfg, now)
     } else {
         Track::Miss
     };
     match tracked {
         Track::Hit => {
             count(cfg.counter_slot, dir, counter::ALLOWED_TRACKED, bytes);
-            return true;
+            return Ok(());
         }
         Track::Full => {
-            return deny(
-                cfg,
-                ifindex,
-                dir,
-                ip,
-                drop_reason::CONNTRACK_FULL,
-                now,
-                deny_rate,
-                bytes,
-            );
+            return Err(drop_reason::CONNTRACK_FULL);
+        }
+        Track::OutOfWindow => {
+            return Err(drop_reason::TCP_OUT_OF_WINDOW);
         }
         Track::Miss => {}
     }
     let Some(grant) = policy::lookup(ifindex, dir, ip) else {
-        return deny(
-            cfg,
-            ifindex,
-            dir,
-            ip,
-            drop_reason::POLICY,
-            now,
-            deny_rate,
-            bytes,
-        );
+        return Err(drop_reason::POLICY);
     };
     let untracked = match ip.protocol {
         PROTO_TCP => grant.flags & GRANT_UNTRACKED_TCP != 0,
@@ -244,7 +231,7 @@ fn decide(f: &impl Frame, cfg: &IfaceConfig, ifindex: u32, dir: u8, ip: &Ip, byt
     rule_hit(cfg.counter_slot, dir, grant.rule_id);
     if untracked {
         count(cfg.counter_slot, dir, counter::ALLOWED_UNTRACKED, bytes);
-        return true;
+        return Ok(());
     }
     // Only a SYN opens a TCP flow and only a request an ICMP one; other packets are judged
     // packet by packet (SPEC §1.3, §1.11). A UDP packet that answers a flow the other
@@ -257,9 +244,14 @@ fn decide(f: &impl Frame, cfg: &IfaceConfig, ifindex: u32, dir: u8, ip: &Ip, byt
     };
     if !opens {
         count(cfg.counter_slot, dir, counter::ALLOWED_STATELESS, bytes);
-        return true;
+        return Ok(());
     }
-    conntrack::open(&key, ip, dir, grant.rule_id, len, now);
+    let opening = conntrack::Opening {
+        dir,
+        rule_id: grant.rule_id,
+        now,
+    };
+    conntrack::open(&key, ip, &opening);
     count(cfg.counter_slot, dir, counter::ALLOWED_NEW, bytes);
     event(
         cfg.counter_slot,
@@ -272,7 +264,26 @@ fn decide(f: &impl Frame, cfg: &IfaceConfig, ifindex: u32, dir: u8, ip: &Ip, byt
         deny_rate,
         bytes,
     );
-    true
+    Ok(())
+}
+
+/// Whether an ICMP error is related to a live flow: its quoted packet names the flow, and
+/// it goes to the endpoint that sent the quoted packet (SPEC §1.4). A function of its own
+/// (a BPF-to-BPF call): the quoted packet's header and key are on the stack only while it
+/// runs, not beside the whole policy path's.
+#[inline(never)]
+fn related(f: &impl Frame, ip: &Ip, cfg: &IfaceConfig, dir: u8, now: u64) -> bool {
+    match parse::parse_embedded(f, ip) {
+        Ok(inner) => {
+            ip.dst == inner.src
+                && conntrack::exists(
+                    &conntrack::key_of(f.ifindex(), opposite(dir), &inner),
+                    cfg,
+                    now,
+                )
+        }
+        Err(_) => false,
+    }
 }
 
 /// Whether a UDP packet with no flow answers one that the opposite direction admits

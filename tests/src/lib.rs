@@ -10,6 +10,7 @@
 pub mod bpf;
 pub mod etcd;
 pub mod fixtures;
+pub mod fuzz;
 pub mod lab;
 pub mod netns;
 pub mod packet;

@@ -10,10 +10,13 @@ pub const TH_ACK: u8 = 0x10;
 
 #[derive(Clone, Debug)]
 pub enum L4 {
+    /// Sequence number 1 and acknowledgement 0 unless `Spec::seq` says otherwise.
     Tcp {
         sport: u16,
         dport: u16,
         flags: u8,
+        seq: u32,
+        ack: u32,
     },
     Udp {
         sport: u16,
@@ -78,6 +81,14 @@ impl Spec {
         }
     }
 
+    /// A TCP segment's sequence and acknowledgement numbers.
+    pub fn seq(mut self, seq_no: u32, ack_no: u32) -> Spec {
+        if let L4::Tcp { seq, ack, .. } = &mut self.l4 {
+            (*seq, *ack) = (seq_no, ack_no);
+        }
+        self
+    }
+
     pub fn build(&self) -> Vec<u8> {
         let mut f = Vec::with_capacity(128);
         f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01]);
@@ -108,13 +119,15 @@ impl Spec {
                 sport,
                 dport,
                 flags,
+                seq,
+                ack,
             } => {
                 let mut h = Vec::new();
                 h.extend_from_slice(&sport.to_be_bytes());
                 h.extend_from_slice(&dport.to_be_bytes());
-                h.extend_from_slice(&[
-                    0, 0, 0, 1, 0, 0, 0, 0, 0x50, *flags, 0xff, 0xff, 0, 0, 0, 0,
-                ]);
+                h.extend_from_slice(&seq.to_be_bytes());
+                h.extend_from_slice(&ack.to_be_bytes());
+                h.extend_from_slice(&[0x50, *flags, 0xff, 0xff, 0, 0, 0, 0]);
                 h.extend(pad);
                 (6, h)
             }
@@ -210,6 +223,8 @@ pub fn tcp(src: &str, dst: &str, sport: u16, dport: u16, flags: u8) -> Spec {
             sport,
             dport,
             flags,
+            seq: 1,
+            ack: 0,
         },
     )
 }

@@ -554,7 +554,11 @@ fn default_deny_enforces_interfaces_without_groups() {
         "not enforced: open"
     );
     agent.stop();
-    // With it, everything but infrastructure (ARP, ND) is dropped, both ways.
+    // With it, everything but infrastructure (ARP, ND) is dropped, both ways. The
+    // neighbour caches are emptied first, so that ARP must run again (the first part's
+    // entries would otherwise answer for it, and nothing would count as infrastructure).
+    other.ns.ip(&["neigh", "flush", "all"]);
+    bare.ns.ip(&["neigh", "flush", "all"]);
     let mut agent = bare.start_agent(&state, &["--default-deny"], &dir.path("bare-2.log"));
     bare.wait_applied(&sha, &mut agent);
     assert!(
@@ -608,13 +612,85 @@ fn an_upgraded_agent_and_detach_remove_the_pins_of_retired_maps() {
             .success()
     };
     assert!(exists("SG_COUNTERS"));
+    // And its established table (entries without sequence tracking) holding one live
+    // connection from web1 to the database: the upgrade must not lose it.
+    let ifindex = db.ns.ifindex("eth0");
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let now_ns = (uptime * 1e9) as u64;
+    let mut key = Vec::new();
+    key.extend_from_slice(&ifindex.to_le_bytes());
+    key.extend_from_slice(&[4, 6]);
+    key.extend_from_slice(&3306u16.to_be_bytes());
+    key.extend_from_slice(&45678u16.to_be_bytes());
+    key.extend_from_slice(&[0, 0]);
+    let v4 = |a: [u8; 4]| [a.to_vec(), vec![0; 12]].concat();
+    key.extend(v4([198, 18, 2, 21]));
+    key.extend(v4([198, 18, 1, 11]));
+    let mut value = Vec::new();
+    value.extend_from_slice(&now_ns.to_le_bytes());
+    value.extend_from_slice(&now_ns.to_le_bytes());
+    for n in [3u64, 2, 180, 120] {
+        value.extend_from_slice(&n.to_le_bytes());
+    }
+    value.extend_from_slice(&0u32.to_le_bytes());
+    // origin ingress, established, seen-reply and assured.
+    value.extend_from_slice(&[0, 3, 17, 0]);
+    let hex = |b: &[u8]| {
+        b.iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let made = db
+        .cmd("sh")
+        .arg("-c")
+        .arg(format!(
+            "bpftool map create {pins}/SG_CT type hash key 44 value 56 entries 16 name SG_CT \
+             && bpftool map update pinned {pins}/SG_CT key hex {} value hex {}",
+            hex(&key),
+            hex(&value)
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
     let mut agent = db.start_agent(&state, &[], &dir.path("db.log"));
     db.wait_applied(&sha, &mut agent);
     assert!(
-        !exists("SG_COUNTERS"),
-        "the upgraded agent removed the retired pin"
+        !exists("SG_COUNTERS") && !exists("SG_CT"),
+        "the upgraded agent removed the retired pins"
     );
-    assert!(exists("SG_COUNTERS_V2"));
+    assert!(exists("SG_COUNTERS_V2") && exists("SG_CT_V2"));
+    let flows = db
+        .cmd(sg_tests::lab::agent_bin())
+        .args(["flows", "--json"])
+        .output()
+        .unwrap();
+    let flows: serde_json::Value = serde_json::from_slice(&flows.stdout).unwrap();
+    assert!(
+        flows
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["remote"] == "198.18.1.11"
+                && f["remote_port"] == 45678
+                && f["tcp_state"] == "established"),
+        "the earlier build's flow was carried over: {flows}"
+    );
+    let log = std::fs::read_to_string(dir.path("db.log")).unwrap();
+    assert!(
+        log.contains("carried 1 flows over from the earlier build's tables"),
+        "{log}"
+    );
     agent.stop();
     // A retired pin left behind is removed by detach too.
     let made = db

@@ -276,14 +276,14 @@ fn run_status_flows_hot_plug_sighup_api_and_detach() {
             "-c",
             "%a %n",
             "/sys/fs/bpf/sg",
-            "/sys/fs/bpf/sg/SG_CT",
+            "/sys/fs/bpf/sg/SG_CT_V2",
             "/sys/fs/bpf/sg/links",
         ])
         .output()
         .unwrap();
     let pins = String::from_utf8_lossy(&pins.stdout).to_string();
     assert!(
-        pins.contains("700 /sys/fs/bpf/sg\n") && pins.contains("600 /sys/fs/bpf/sg/SG_CT"),
+        pins.contains("700 /sys/fs/bpf/sg\n") && pins.contains("600 /sys/fs/bpf/sg/SG_CT_V2"),
         "{pins}"
     );
 

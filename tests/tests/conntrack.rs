@@ -372,14 +372,20 @@ fn tcp_transitions_and_timeouts() {
 
     // RST: close, 10 s.
     assert!(bpf.run(eg, &tcp(ME4, "198.19.1.1", 42000, 443, TH_SYN).build()));
+    // (acknowledging the SYN: sequence 1 and the SYN make 2)
     assert!(bpf.run(
         ing,
-        &tcp("198.19.1.1", ME4, 443, 42000, TH_RST | TH_ACK).build()
+        &tcp("198.19.1.1", ME4, 443, 42000, TH_RST | TH_ACK)
+            .seq(0, 2)
+            .build()
     ));
     assert_eq!(flow_state(&mut bpf, 42000).0, ct::TCP_CLOSE);
     bpf.advance_clock(5);
     assert!(
-        bpf.run(ing, &tcp("198.19.1.1", ME4, 443, 42000, TH_RST).build()),
+        bpf.run(
+            ing,
+            &tcp("198.19.1.1", ME4, 443, 42000, TH_RST).seq(0, 0).build()
+        ),
         "within close timeout"
     );
     bpf.advance_clock(11);

@@ -172,7 +172,9 @@ fn only_assured_flows_reach_the_protected_table() {
         assert!(bpf.run(ingress, &tcp("198.18.10.5", ME4, 42000, 22, TH_SYN).build()));
         assert!(bpf.run(
             EG,
-            &tcp(ME4, "198.18.10.5", 22, 42000, TH_RST | TH_ACK).build()
+            &tcp(ME4, "198.18.10.5", 22, 42000, TH_RST | TH_ACK)
+                .seq(0, 2)
+                .build()
         ));
         assert_eq!(
             tables(&mut bpf).0,
@@ -300,4 +302,187 @@ fn lost_events_and_rule_hits_are_counted() {
     let lost = bpf.counter(LO, DIR_INGRESS, counter::EVENTS_LOST) - before;
     assert!(lost > 0, "a full ring's losses are counted");
     let _ = DIR_EGRESS;
+}
+
+/// The TCP state and table (established or not) of the flow whose local port is `port`.
+fn tcp_flow(bpf: &mut Bpf, port: u16) -> (u8, bool) {
+    let flows = bpf.dp.tables().flows().expect("flows");
+    let f = flows
+        .iter()
+        .find(|(k, _, _)| k.protocol == 6 && u16::from_be_bytes(k.local_port) == port)
+        .unwrap_or_else(|| panic!("no TCP flow on local port {port}: {flows:?}"));
+    (f.1.tcp_state, f.2)
+}
+
+#[test]
+fn rst_and_fin_change_a_flow_only_with_a_plausible_sequence_number() {
+    if !require_root("rst_and_fin_change_a_flow_only_with_a_plausible_sequence_number") {
+        return;
+    }
+    use sg_common::ct::{TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT, TCP_SYN_SENT};
+    for ingress in Hook::INGRESS {
+        let mut bpf = main_bpf();
+        // 198.18.10.5 connects to port 22: its ISN 1000, ours 5000; it sends 100 bytes.
+        let peer =
+            |flags: u8, seq: u32, ack: u32| tcp("198.18.10.5", ME4, 43000, 22, flags).seq(seq, ack);
+        let me =
+            |flags: u8, seq: u32, ack: u32| tcp(ME4, "198.18.10.5", 22, 43000, flags).seq(seq, ack);
+        let mut data = peer(TH_ACK, 1001, 5001);
+        data.payload = 100;
+        bpf.sequence(
+            &format!("{ingress:?}: handshake and data"),
+            &[
+                (ingress, peer(TH_SYN, 1000, 0), true),
+                (EG, me(TH_SYN | TH_ACK, 5000, 1001), true),
+                (ingress, peer(TH_ACK, 1001, 5001), true),
+                (ingress, data, true),
+                (EG, me(TH_ACK, 5001, 1101), true),
+            ],
+        );
+        assert_eq!(tcp_flow(&mut bpf, 22), (TCP_ESTABLISHED, true));
+        // Blind RSTs, both ways: out of the window, dropped; the flow does not change.
+        for (hook, f) in [
+            (ingress, peer(TH_RST, 0, 0)),
+            (ingress, peer(TH_RST, 1101 + 70_000, 0)),
+            (ingress, peer(TH_RST | TH_ACK, 0x8000_0000, 5001)),
+            (ingress, peer(TH_RST, 900, 0)),
+            (EG, me(TH_RST, 9_999_999, 0)),
+        ] {
+            assert_eq!(
+                bpf.outcome(hook, &f.build()).unwrap(),
+                Outcome::Drop(drop_reason::TCP_OUT_OF_WINDOW),
+                "{ingress:?}: {f:?}"
+            );
+            assert_eq!(tcp_flow(&mut bpf, 22), (TCP_ESTABLISHED, true), "{f:?}");
+        }
+        // A blind FIN passes (a retransmitted FIN may be old) but closes nothing.
+        assert!(bpf.run(ingress, &peer(TH_FIN | TH_ACK, 0x4000_0000, 5001).build()));
+        assert_eq!(tcp_flow(&mut bpf, 22), (TCP_ESTABLISHED, true));
+        // A forged ACK acknowledging what we never sent moves nothing either: our RST at
+        // our next sequence number is still in the window the peer last advertised.
+        assert!(bpf.run(ingress, &peer(TH_ACK, 1101, 0x7000_0000).build()));
+        // The real FIN, at the peer's next sequence number, closes.
+        assert!(bpf.run(ingress, &peer(TH_FIN | TH_ACK, 1101, 5001).build()));
+        assert_eq!(tcp_flow(&mut bpf, 22).0, TCP_FIN_WAIT);
+        // And a RST in the window ends the flow.
+        assert!(bpf.run(EG, &me(TH_RST, 5001, 0).build()));
+        assert_eq!(tcp_flow(&mut bpf, 22).0, TCP_CLOSE);
+
+        // A SYN we sent is answered only by a RST that acknowledges it (RFC 793).
+        let out = tcp(ME4, "198.19.1.1", 44000, 443, TH_SYN).seq(7000, 0);
+        assert!(bpf.run(EG, &out.build()));
+        let answer = |ack: u32| {
+            tcp("198.19.1.1", ME4, 443, 44000, TH_RST | TH_ACK)
+                .seq(0, ack)
+                .build()
+        };
+        for ack in [0, 7000, 7002, 12345] {
+            assert_eq!(
+                bpf.outcome(ingress, &answer(ack)).unwrap(),
+                Outcome::Drop(drop_reason::TCP_OUT_OF_WINDOW),
+                "{ingress:?}: RST acknowledging {ack}"
+            );
+            assert_eq!(tcp_flow(&mut bpf, 44000).0, TCP_SYN_SENT);
+        }
+        assert!(bpf.run(ingress, &answer(7001)));
+        assert_eq!(tcp_flow(&mut bpf, 44000).0, TCP_CLOSE);
+        assert_eq!(
+            bpf.counter(
+                LO,
+                DIR_INGRESS,
+                counter::drop_slot(drop_reason::TCP_OUT_OF_WINDOW)
+            ),
+            8,
+            "{ingress:?}: every blind RST from the peer counted"
+        );
+    }
+}
+
+#[test]
+fn expired_flows_never_block_new_ones_even_without_the_agent() {
+    if !require_root("expired_flows_never_block_new_ones_even_without_the_agent") {
+        return;
+    }
+    use sg_common::ct::TCP_ESTABLISHED;
+    for ingress in Hook::INGRESS {
+        // An established table of 16 flows, and no agent: nothing but the datapath runs.
+        let small = MapSizes {
+            conntrack: 16,
+            conntrack_new: 256,
+            ..sizes()
+        };
+        let mut bpf = Bpf::with_state(
+            &state(sg_tests::fixtures::STATE),
+            &[LocalInterface {
+                ifindex: LO,
+                eni: "eni-main".into(),
+            }],
+            &small,
+        );
+        let establish = |bpf: &mut Bpf, port: u16| {
+            let out = |flags: u8, seq: u32, ack: u32| {
+                tcp(ME4, "198.19.1.1", port, 443, flags)
+                    .seq(seq, ack)
+                    .build()
+            };
+            bpf.run(EG, &out(TH_SYN, 100, 0))
+                && bpf.run(
+                    ingress,
+                    &tcp("198.19.1.1", ME4, 443, port, TH_SYN | TH_ACK)
+                        .seq(900, 101)
+                        .build(),
+                )
+                && bpf.run(EG, &out(TH_ACK, 101, 901))
+        };
+        // Fill it: every slot of the established table holds a live flow.
+        let mut port = 31000;
+        while tables(&mut bpf).0 < 16 {
+            assert!(port < 31200, "{ingress:?}: the table fills");
+            establish(&mut bpf, port);
+            port += 1;
+        }
+        // Full of live flows: a new handshake cannot be protected (AWS's
+        // conntrack_allowance_exceeded), and the live flows stay.
+        let before = bpf.counter(
+            LO,
+            DIR_EGRESS,
+            counter::drop_slot(drop_reason::CONNTRACK_FULL),
+        );
+        establish(&mut bpf, 32000);
+        let after = bpf.counter(
+            LO,
+            DIR_EGRESS,
+            counter::drop_slot(drop_reason::CONNTRACK_FULL),
+        );
+        let protected = tables(&mut bpf).0;
+        assert_eq!(protected, 16, "{ingress:?}: live flows are never evicted");
+        assert!(
+            after > before || tcp_flow(&mut bpf, 32000) != (TCP_ESTABLISHED, true),
+            "{ingress:?}: no room for a 17th protected flow"
+        );
+        // Six days later every flow has expired (5 days): new handshakes complete and are
+        // protected, with no agent to collect the dead ones.
+        bpf.advance_clock(6 * 86_400);
+        for p in 33000..33016u16 {
+            assert!(establish(&mut bpf, p), "{ingress:?}: handshake {p}");
+            assert_eq!(
+                tcp_flow(&mut bpf, p),
+                (TCP_ESTABLISHED, true),
+                "{ingress:?}: flow {p} protected"
+            );
+        }
+    }
+}
+
+#[test]
+fn arp_passes_and_is_counted_as_infrastructure() {
+    if !require_root("arp_passes_and_is_counted_as_infrastructure") {
+        return;
+    }
+    for hook in [Hook::Xdp, Hook::TcIngress, EG] {
+        let mut bpf = main_bpf();
+        assert!(bpf.run(hook, &sg_tests::packet::arp()));
+        let dir = if hook == EG { DIR_EGRESS } else { DIR_INGRESS };
+        assert_eq!(bpf.counter(LO, dir, counter::INFRASTRUCTURE), 1, "{hook:?}");
+    }
 }

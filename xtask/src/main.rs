@@ -53,6 +53,15 @@ enum Task {
     },
     /// Build the Debian package (target/debian/sg-agent_VERSION_ARCH.deb) with dpkg-deb.
     Package,
+    /// The differential fuzz campaign of the datapath against the reference model of
+    /// SPEC §1–§2 (tests/src/fuzz.rs): a million frames unless --frames says otherwise.
+    Fuzz {
+        #[arg(long, default_value_t = 1_000_000)]
+        frames: u64,
+        /// Reproduces a campaign (default: from the clock).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Benchmarks: compile, datapath (all with --quick/--smoke variants).
     Bench {
         /// What to measure: all, compile, datapath.
@@ -81,6 +90,7 @@ fn main() -> ExitCode {
             .and_then(|agent| package::build(&agent))
             .map(|_| ()),
         Task::Bench { what, quick, smoke } => bench::run(&what, quick, smoke),
+        Task::Fuzz { frames, seed } => fuzz(frames, seed),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -157,6 +167,18 @@ pub fn build_agent() -> Result<PathBuf> {
 
 /// Builds a binary of a workspace crate (the demo in sg-tests, sg-bench) with the eBPF
 /// object, so it shares the test build's artifacts.
+/// `cargo xtask fuzz`: builds the campaign's runner (with the eBPF object) and runs it.
+fn fuzz(frames: u64, seed: Option<u64>) -> Result<()> {
+    bootstrap::ensure()?;
+    let bin = build_bin("sg-tests", "sg-fuzz")?;
+    let mut cmd = Command::new(bin);
+    cmd.args(["--frames", &frames.to_string()]);
+    if let Some(s) = seed {
+        cmd.args(["--seed", &s.to_string()]);
+    }
+    status(&mut cmd)
+}
+
 pub fn build_bin(package: &str, name: &str) -> Result<PathBuf> {
     let object = build_ebpf()?;
     status(

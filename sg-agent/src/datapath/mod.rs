@@ -130,6 +130,7 @@ impl MapSizes {
             Sizing::Fixed => return None,
             Sizing::Conntrack => self.conntrack,
             Sizing::ConntrackNew => self.conntrack_new,
+            Sizing::ConntrackSlots => self.conntrack.saturating_mul(2).saturating_add(1),
             Sizing::Addresses => self.addresses,
             Sizing::Networks => self.networks,
             Sizing::Ports => self.ports,
@@ -181,7 +182,14 @@ impl Datapath {
     pub fn open_pinned(sizes: &MapSizes, pin_dir: &Path) -> Result<Datapath> {
         pins::check_layouts(pin_dir)?;
         pins::check_sizes(pin_dir, sizes)?;
-        let dp = Self::load_with(OBJECT, sizes, Some(pin_dir))?;
+        let mut dp = Self::load_with(OBJECT, sizes, Some(pin_dir))?;
+        // The flows of an earlier build's tables move into this one's before those go:
+        // an upgrade loses no established connection.
+        match dp.carry_over(pin_dir) {
+            Ok(0) => {}
+            Ok(n) => log::info!("carried {n} flows over from the earlier build's tables"),
+            Err(e) => log::warn!("carrying flows over from the earlier build's tables: {e}"),
+        }
         pins::remove_retired(pin_dir);
         Ok(dp)
     }
@@ -223,7 +231,17 @@ impl Datapath {
             dp.set_global(GlobalConfig {
                 clock_offset_ns: 0,
                 deny_events_per_sec: 100,
-                flags: 0,
+                ct_slots: 0,
+            })?;
+        }
+        // The established table's index, before any program of this build runs: an
+        // earlier build left 0 here (its programs never read it).
+        let slots = sizes.conntrack.saturating_mul(2);
+        let g = dp.global()?;
+        if g.ct_slots != slots {
+            dp.set_global(GlobalConfig {
+                ct_slots: slots,
+                ..g
             })?;
         }
         Ok(dp)

@@ -126,6 +126,23 @@ pub(super) fn remove_retired(pin_dir: &Path) {
     }
 }
 
+/// The flows of an earlier build's conntrack table pinned at `path` (entries of the
+/// layout before sequence tracking); none when its layout is not that one.
+pub fn read_v1_flows(path: &Path) -> Result<Vec<(sg_common::CtKey, sg_common::CtEntryV1)>> {
+    let name = "an earlier build's conntrack table";
+    let data = MapData::from_pin(path).map_err(map_err(name))?;
+    let info = data.info().map_err(map_err(name))?;
+    if info.key_size() as usize != size_of::<sg_common::CtKey>()
+        || info.value_size() as usize != size_of::<sg_common::CtEntryV1>()
+    {
+        return Ok(vec![]);
+    }
+    let map = aya::maps::Map::from_map_data(data).map_err(map_err(name))?;
+    let table: aya::maps::HashMap<MapData, sg_common::CtKey, sg_common::CtEntryV1> =
+        aya::maps::HashMap::try_from(map).map_err(map_err(name))?;
+    Ok(table.iter().filter_map(|r| r.ok()).collect())
+}
+
 /// The capacity of a pinned map, in entries.
 pub fn pinned_max_entries(pin_dir: &Path, spec: &'static registry::MapSpec) -> Result<u32> {
     pinned_info(pin_dir, spec)?
@@ -197,7 +214,7 @@ pub(super) fn check_sizes(pin_dir: &Path, sizes: &super::MapSizes) -> Result<()>
             return Err(DatapathError::Size {
                 name: spec.name,
                 flag: match spec.sizing {
-                    Sizing::Conntrack => "--conntrack-size",
+                    Sizing::Conntrack | Sizing::ConntrackSlots => "--conntrack-size",
                     Sizing::ConntrackNew => "--conntrack-new-size",
                     _ => "this sg-agent",
                 },

@@ -4,8 +4,11 @@
 
 #![forbid(unsafe_code)]
 
-use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::maps::{
+    lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues,
+};
 use sg_common::{
+    ct,
     registry::{self, MapSpec},
     Addr4Key, Addr6Key, Counters, CtEntry, CtKey, Grant, IfaceConfig, Net4Data, Net6Data, PortData,
     RulesetRef, NET_KEY_FIXED_BITS,
@@ -206,6 +209,78 @@ impl Datapath {
             }
         }
         Ok(n)
+    }
+
+    /// Inserts flows into the table each names, unless a flow of the same key is there;
+    /// an established one also gets a slot of the table's index (`SG_CT_SLOTS`), as the
+    /// datapath gives its own, so that the datapath can expire it by itself. Returns how
+    /// many were inserted.
+    pub fn insert_flows(&mut self, flows: &[(CtKey, CtEntry, bool)]) -> Result<usize> {
+        let slots = self.global()?.ct_slots;
+        let mut taken = std::collections::HashSet::new();
+        if slots > 0 {
+            let index: Array<&mut MapData, CtKey> = self.map(&registry::CT_SLOTS)?;
+            for (i, k) in index.iter().enumerate() {
+                if k.is_ok_and(|k| k.ifindex != 0) {
+                    taken.insert(i as u32);
+                }
+            }
+        }
+        let mut placed = Vec::new();
+        let mut n = 0;
+        for (established, spec) in [(true, &registry::CT), (false, &registry::CT_NEW)] {
+            let mut m: HashMap<&mut MapData, CtKey, CtEntry> = self.map(spec)?;
+            for (k, e, est) in flows {
+                if *est != established || m.get(k, 0).is_ok() {
+                    continue;
+                }
+                if m.insert(k, e, 0).is_ok() {
+                    n += 1;
+                    if established && slots > 0 {
+                        let start = ct::ct_slot_of(k, slots);
+                        if let Some(slot) = (0..ct::SLOT_PROBES)
+                            .map(|i| (start + i) % slots)
+                            .find(|s| !taken.contains(s))
+                        {
+                            taken.insert(slot);
+                            placed.push((slot, *k));
+                        }
+                    }
+                }
+            }
+        }
+        let mut index: Array<&mut MapData, CtKey> = self.map(&registry::CT_SLOTS)?;
+        for (slot, k) in placed {
+            index
+                .set(slot, k, 0)
+                .map_err(map_err(registry::CT_SLOTS.name))?;
+        }
+        Ok(n)
+    }
+
+    /// Moves the flows of an earlier build's conntrack tables (`SG_CT`, `SG_CT_NEW`,
+    /// entries without sequence tracking) pinned under `pin_dir` into this build's, with
+    /// nothing known of their sequence numbers (learnt from their next packets). The
+    /// earlier build's programs run until this build's replace them, so a flow they open
+    /// in between is not carried over: it is judged by the rules again, as after a
+    /// restart of netfilter. Returns how many flows were carried over.
+    pub fn carry_over(&mut self, pin_dir: &std::path::Path) -> Result<usize> {
+        let mut flows = Vec::new();
+        for (name, established) in [("SG_CT", true), ("SG_CT_NEW", false)] {
+            let path = pin_dir.join(name);
+            if !path.exists() {
+                continue;
+            }
+            flows.extend(
+                super::pins::read_v1_flows(&path)?
+                    .into_iter()
+                    .map(|(k, e)| (k, e.upgrade(), established)),
+            );
+        }
+        if flows.is_empty() {
+            return Ok(0);
+        }
+        self.insert_flows(&flows)
     }
 
     /// Removes every flow from both conntrack tables.
