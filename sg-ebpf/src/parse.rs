@@ -224,6 +224,9 @@ fn parse_ipv4(f: &impl Frame, off: usize, ip: &mut Ip) -> Result<(), u32> {
 }
 
 const NEXTHDR_HOP: u8 = 0;
+/// Steps of the walk of the packet an ICMPv6 error quotes: three extension headers at
+/// most, then its L4 header (the verifier's budget sets the bound).
+const QUOTED_EXT_LIMIT: usize = 4;
 const NEXTHDR_ROUTING: u8 = 43;
 const NEXTHDR_FRAGMENT: u8 = 44;
 const NEXTHDR_AUTH: u8 = 51;
@@ -405,8 +408,13 @@ pub fn parse_embedded(f: &impl Frame, outer: &Ip) -> Result<Ip, u32> {
         let h = read::<[u8; 40]>(f, off, dr::TRUNCATED_L4)?;
         ip.src.copy_from_slice(&h[8..24]);
         ip.dst.copy_from_slice(&h[24..40]);
-        ip.protocol = h[6];
-        ip.l4_off = off + 40;
+        // The quoted packet's extension headers are walked to its L4 header (SPEC §1.4).
+        let walked = quoted_l4(f, off + 40, h[6]);
+        if walked == u32::MAX {
+            return Err(dr::EXT_CHAIN_TOO_LONG);
+        }
+        ip.protocol = walked as u8;
+        ip.l4_off = (walked >> 8) as usize & 0x3fff;
     }
     // The error quotes at least the first 8 bytes of the L4 header: ports or echo id.
     let q = read::<[u8; 8]>(f, ip.l4_off, dr::TRUNCATED_L4)?;
@@ -423,6 +431,46 @@ pub fn parse_embedded(f: &impl Frame, outer: &Ip) -> Result<Ip, u32> {
         _ => {}
     }
     Ok(ip)
+}
+
+/// The L4 header of a packet an ICMPv6 error quotes, whose extension headers start at
+/// `pos` with `next`: `offset << 8 | protocol`, or `u32::MAX` when the chain is longer
+/// than the walk, cut short, or a non-first fragment's (which quotes no L4 header and so
+/// names no flow). Path-MTU discovery for fragmented UDP quotes a fragment header. A
+/// function of its own (a BPF-to-BPF call) so that its loop's registers stay out of the
+/// caller's frame.
+#[inline(never)]
+fn quoted_l4(f: &impl Frame, from: usize, first: u8) -> u32 {
+    let (mut next, mut pos) = (first, from);
+    for _ in 0..QUOTED_EXT_LIMIT {
+        let at = pos & 0x3fff;
+        match next {
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH => {
+                let Ok(e) = read::<[u8; 2]>(f, at, 0) else {
+                    return u32::MAX;
+                };
+                let unit = if next == NEXTHDR_AUTH {
+                    (e[1] as usize + 2) * 4
+                } else {
+                    (e[1] as usize + 1) * 8
+                };
+                next = e[0];
+                pos = at + unit;
+            }
+            NEXTHDR_FRAGMENT => {
+                let Ok(e) = read::<[u8; 4]>(f, at, 0) else {
+                    return u32::MAX;
+                };
+                if be16([e[2], e[3]]) & 0xfff8 != 0 {
+                    return u32::MAX;
+                }
+                next = e[0];
+                pos = at + 8;
+            }
+            _ => return ((pos & 0x3fff) as u32) << 8 | next as u32,
+        }
+    }
+    u32::MAX
 }
 
 /// Infrastructure traffic that security groups never filter (SPEC §1.12), and only as

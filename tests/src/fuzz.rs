@@ -396,8 +396,40 @@ fn quoted(f: &[u8], outer: &Pkt) -> Option<Pkt> {
         let h = f.get(off..off + 40)?;
         p.src = v6_at(h, 8);
         p.dst = v6_at(h, 24);
-        p.proto = h[6];
-        p.l4_off = off + 40;
+        // Its extension headers, three at most, lead to its L4 header; a non-first
+        // fragment has none to quote (SPEC §1.4).
+        let (mut next, mut pos) = (h[6], off + 40);
+        let mut found = false;
+        for _ in 0..4 {
+            match next {
+                0 | 43 | 60 | 51 => {
+                    let e = f.get(pos..pos + 2)?;
+                    pos += if next == 51 {
+                        (e[1] as usize + 2) * 4
+                    } else {
+                        (e[1] as usize + 1) * 8
+                    };
+                    next = e[0];
+                }
+                44 => {
+                    let e = f.get(pos..pos + 4)?;
+                    if u16::from_be_bytes([e[2], e[3]]) & 0xfff8 != 0 {
+                        return None;
+                    }
+                    next = e[0];
+                    pos += 8;
+                }
+                _ => {
+                    found = true;
+                    break;
+                }
+            }
+        }
+        if !found {
+            return None;
+        }
+        p.proto = next;
+        p.l4_off = pos;
     } else {
         let h = f.get(off..off + 20)?;
         let ihl = (h[0] & 15) as usize * 4;
@@ -1168,7 +1200,11 @@ pub fn campaign(frames: u64, seed: u64) -> Report {
         let (dir, mut spec, raw) = match rng.below(100) {
             // An ICMP error about one of the conversation's frames, to either end.
             0..=3 => {
-                let (d, about) = conversations[i].next_frame(&mut rng);
+                let (d, mut about) = conversations[i].next_frame(&mut rng);
+                // Quoting extension headers and fragments too (path-MTU discovery).
+                if rng.chance(30) {
+                    mutate_spec(&mut about, &mut rng);
+                }
                 let (src, dst) = match (d, rng.chance(80)) {
                     (_, true) => (about.dst.to_string(), about.src.to_string()),
                     (_, false) => (about.dst.to_string(), conversations[i].remote.to_string()),

@@ -253,9 +253,11 @@ pub fn icmp(src: &str, dst: &str, icmp_type: u8, code: u8, id: u16) -> Spec {
 pub fn icmp_error(src: &str, dst: &str, icmp_type: u8, code: u8, about: &Spec) -> Spec {
     let frame = about.build();
     let quoted = frame[14 + 4 * about.vlans.len()..].to_vec();
+    // ICMPv6 quotes as much as fits in the minimum MTU (RFC 4443), extension headers
+    // included; ICMP the IP header and 8 bytes (RFC 792).
     let cut = quoted
         .len()
-        .min(if about.src.is_ipv6() { 40 + 8 } else { 20 + 8 });
+        .min(if about.src.is_ipv6() { 1232 } else { 20 + 8 });
     Spec::new(
         src,
         dst,

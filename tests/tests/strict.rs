@@ -486,3 +486,44 @@ fn arp_passes_and_is_counted_as_infrastructure() {
         assert_eq!(bpf.counter(LO, dir, counter::INFRASTRUCTURE), 1, "{hook:?}");
     }
 }
+
+#[test]
+fn icmpv6_errors_quoting_extension_headers_find_their_flow() {
+    if !require_root("icmpv6_errors_quoting_extension_headers_find_their_flow") {
+        return;
+    }
+    for ingress in Hook::INGRESS {
+        let mut bpf = main_bpf();
+        // A DNS query out (egress allows UDP 53 to 2001:db8::/32): a tracked flow. Its
+        // datagram was fragmented, with destination options before the fragment header.
+        let mut about = udp(ME6, "2001:db8:2::7", 40000, 53);
+        about.payload = 200;
+        assert!(bpf.run(EG, &about.build()));
+        about.ipv6_ext = vec![60];
+        about.fragment = Some((9, 0, true));
+        // A router's "packet too big" about it (ICMPv6 type 2): no rule admits it, only
+        // the flow it quotes, found past the quoted extension headers (SPEC §1.4).
+        let too_big = icmp_error("2001:db8:9::1", ME6, 2, 0, &about);
+        assert!(
+            bpf.run(ingress, &too_big.build()),
+            "{ingress:?}: packet too big quoting a fragment header"
+        );
+        // The same error quoting a later fragment names no flow: judged by the rules.
+        about.fragment = Some((9, 1232, false));
+        let later = icmp_error("2001:db8:9::1", ME6, 2, 0, &about);
+        assert_eq!(
+            bpf.outcome(ingress, &later.build()).unwrap(),
+            Outcome::Drop(drop_reason::POLICY),
+            "{ingress:?}"
+        );
+        // Nor does one quoting a flow that does not exist.
+        let mut other = udp(ME6, "2001:db8:2::7", 40001, 53);
+        other.ipv6_ext = vec![0, 60];
+        let unrelated = icmp_error("2001:db8:9::1", ME6, 2, 0, &other);
+        assert!(!bpf.run(ingress, &unrelated.build()), "{ingress:?}");
+        // Nor one addressed to another host than the quoted packet's sender.
+        about.fragment = Some((9, 0, true));
+        let misaddressed = icmp_error("2001:db8:9::1", "2001:db8:1::2", 2, 0, &about);
+        assert!(!bpf.run(ingress, &misaddressed.build()), "{ingress:?}");
+    }
+}
