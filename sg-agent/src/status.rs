@@ -219,6 +219,13 @@ pub fn pinned_document(pin_dir: &Path) -> Result<serde_json::Value, DatapathErro
     out.insert("pin_dir".into(), serde_json::json!(pin_dir));
     out.insert("agent_running".into(), agent_running.into());
     out.insert("interfaces".into(), interfaces.into());
+    let maps: Vec<serde_json::Value> = crate::datapath::pinned_memory(pin_dir)
+        .into_iter()
+        .map(|(name, entries, bytes)| {
+            serde_json::json!({ "name": name, "entries": entries, "memory_bytes": bytes })
+        })
+        .collect();
+    out.insert("maps".into(), maps.into());
     Ok(serde_json::Value::Object(out))
 }
 
@@ -414,6 +421,14 @@ pub fn metrics(pin_dir: &Path, document: &str, labels: &crate::events::Labels) -
             capacity.sample("sg_conntrack_capacity", &[("table", table)], size);
         }
     }
+    let mut memory = Family::new(
+        "sg_map_memory_bytes",
+        "gauge",
+        "Kernel memory each pinned map holds (memlock), in bytes.",
+    );
+    for (name, _, bytes) in crate::datapath::pinned_memory(pin_dir) {
+        memory.sample("sg_map_memory_bytes", &[("map", name)], bytes);
+    }
     let stat = |k: &str| doc["stats"][k].as_u64().unwrap_or(0);
     let mut out = String::new();
     for f in [
@@ -426,6 +441,7 @@ pub fn metrics(pin_dir: &Path, document: &str, labels: &crate::events::Labels) -
         hits,
         entries,
         capacity,
+        memory,
     ] {
         out += &f.text;
     }

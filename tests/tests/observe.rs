@@ -589,6 +589,12 @@ fn flow_logs_metrics_and_monitor_see_real_traffic() {
         metric(&body, "sg_flow_log_records_total", &[]) >= 3,
         "{body}"
     );
+    // What the tables cost in kernel memory: 192 bytes per established entry.
+    assert_eq!(
+        metric(&body, "sg_map_memory_bytes", &["map=\"SG_CT_V2\""]) / 262_144,
+        192,
+        "{body}"
+    );
     assert_eq!(
         metric(&body, "sg_conntrack_capacity", &["table=\"established\""]),
         262_144,
@@ -646,6 +652,13 @@ fn flow_logs_metrics_and_monitor_see_real_traffic() {
         (audited == 4).then_some(())
     });
     let st = t.db.status().unwrap();
+    assert!(
+        st["maps"].as_array().is_some_and(|m| m
+            .iter()
+            .any(|m| m["name"] == "SG_CT_SLOTS" && m["memory_bytes"].as_u64().unwrap_or(0) > 0)),
+        "status lists each map's memory: {}",
+        st["maps"]
+    );
     assert_eq!(st["interfaces"][0]["audit"], true, "{st}");
     // Audit off again: dropped.
     let sha = write_state(&state, &observed_state(false));

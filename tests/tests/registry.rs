@@ -57,3 +57,68 @@ fn every_map_of_the_object_matches_its_registry_spec() {
     }
     assert_eq!(seen.len(), registry::MAPS.len(), "{seen:?}");
 }
+
+/// What each table costs in kernel memory (SPEC §7; the sizing table of docs/design.md
+/// comes from this test's output): every map reports its memory, and the conntrack tables'
+/// grows with `--conntrack-size`, the other maps' does not.
+#[test]
+fn every_map_reports_its_kernel_memory_and_conntrack_scales_with_its_size() {
+    if !require_root("every_map_reports_its_kernel_memory_and_conntrack_scales_with_its_size") {
+        return;
+    }
+    let mut by_size = Vec::new();
+    for conntrack in [65_536u32, 262_144, 1_048_576] {
+        let sizes = MapSizes {
+            conntrack,
+            ..MapSizes::default()
+        };
+        let dp = Datapath::load(&sizes).expect("load");
+        let memory = dp.memory();
+        assert_eq!(memory.len(), registry::MAPS.len(), "{memory:?}");
+        // LPM tries allocate per entry (the kernel reports 0 while they are empty); every
+        // other map holds its memory from the start.
+        let tries = [
+            registry::NET4.name,
+            registry::NET6.name,
+            registry::PORTS.name,
+        ];
+        assert!(
+            memory
+                .iter()
+                .all(|(name, _, bytes)| *bytes > 0 || tries.contains(name)),
+            "{memory:?}"
+        );
+        let mib = |name: &str| {
+            memory
+                .iter()
+                .find(|m| m.0 == name)
+                .map_or(0.0, |m| m.2 as f64)
+                / 1048576.0
+        };
+        let total: f64 = memory.iter().map(|m| m.2 as f64).sum::<f64>() / 1048576.0;
+        eprintln!(
+            "conntrack {conntrack}: {} {:.1} MiB, {} {:.1} MiB, {} {:.1} MiB, all maps {:.1} MiB",
+            registry::CT.name,
+            mib(registry::CT.name),
+            registry::CT_SLOTS.name,
+            mib(registry::CT_SLOTS.name),
+            registry::CT_NEW.name,
+            mib(registry::CT_NEW.name),
+            total
+        );
+        if conntrack == 262_144 {
+            for (name, entries, bytes) in &memory {
+                eprintln!(
+                    "  {name}: {entries} entries, {:.2} MiB",
+                    *bytes as f64 / 1048576.0
+                );
+            }
+        }
+        by_size.push((mib(registry::CT.name), mib(registry::ADDR4.name)));
+    }
+    // Sixteen times the entries: about sixteen times the established table, the same
+    // address table.
+    let (small, large) = (by_size[0], by_size[2]);
+    assert!(large.0 > small.0 * 12.0, "{by_size:?}");
+    assert!((large.1 - small.1).abs() < 0.01, "{by_size:?}");
+}

@@ -26,8 +26,8 @@ mod plan;
 mod tables;
 
 pub use pins::{
-    detach, link_name, links_dir, pinned_link_ifindexes, pinned_max_entries, registry_table,
-    unpin_interface, unpin_link, Detached,
+    detach, link_name, links_dir, memlock, pinned_link_ifindexes, pinned_max_entries,
+    pinned_memory, registry_table, unpin_interface, unpin_link, Detached,
 };
 pub use tables::{addr_of, direction_of, FlowRow, Tables};
 
@@ -245,6 +245,27 @@ impl Datapath {
             })?;
         }
         Ok(dp)
+    }
+
+    /// Each map of this object with its capacity and the kernel memory it holds.
+    pub fn memory(&self) -> Vec<(&'static str, u32, u64)> {
+        use aya::maps::Map;
+        registry::MAPS
+            .iter()
+            .filter_map(|spec| {
+                let data = match self.ebpf.map(spec.name)? {
+                    Map::HashMap(d)
+                    | Map::LruHashMap(d)
+                    | Map::LpmTrie(d)
+                    | Map::Array(d)
+                    | Map::PerCpuArray(d)
+                    | Map::RingBuf(d) => d,
+                    _ => return None,
+                };
+                let entries = data.info().ok()?.max_entries();
+                Some((spec.name, entries, pins::memlock(data)?))
+            })
+            .collect()
     }
 
     pub fn ebpf(&mut self) -> &mut Ebpf {

@@ -143,6 +143,30 @@ pub fn read_v1_flows(path: &Path) -> Result<Vec<(sg_common::CtKey, sg_common::Ct
     Ok(table.iter().filter_map(|r| r.ok()).collect())
 }
 
+/// The kernel memory a map holds (`memlock` in its fdinfo), in bytes.
+pub fn memlock(map: &MapData) -> Option<u64> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let fd = map.fd().as_fd().as_raw_fd();
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Each pinned map of the registry with its capacity and the kernel memory it holds
+/// (SPEC §7: what the tables cost; docs/design.md shows how to size them).
+pub fn pinned_memory(pin_dir: &Path) -> Vec<(&'static str, u32, u64)> {
+    registry::MAPS
+        .iter()
+        .filter_map(|spec| {
+            let data = MapData::from_pin(pin_dir.join(spec.name)).ok()?;
+            let entries = data.info().ok()?.max_entries();
+            Some((spec.name, entries, memlock(&data)?))
+        })
+        .collect()
+}
+
 /// The capacity of a pinned map, in entries.
 pub fn pinned_max_entries(pin_dir: &Path, spec: &'static registry::MapSpec) -> Result<u32> {
     pinned_info(pin_dir, spec)?
