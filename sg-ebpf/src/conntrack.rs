@@ -217,8 +217,8 @@ pub fn track(key: &CtKey, ip: &Ip, dir: u8, cfg: &IfaceConfig, now: u64) -> Trac
 /// is swept for expired flows first, so expired flows never block new ones, whether or
 /// not the agent runs (SPEC §1.11). A flow with no free slot among its probes stays
 /// embryonic (it is still tracked there, only not protected): every established flow
-/// has a slot, so the sweep can find every one of them.
-/// A function of its own, as `open`: the probes and the sweep are off the hot path.
+/// has a slot, so the sweep can find every one of them. Runs once per flow (its
+/// promotion), never on the hot path of an established flow.
 #[inline(always)]
 fn promote(key: &CtKey, e: &CtEntry, cfg: &IfaceConfig, now: u64) -> i32 {
     // A plain code, not a `Result`: a BPF-to-BPF call returns in one register.
