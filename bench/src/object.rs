@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use aya::{programs::Xdp, Ebpf};
-use sg_common::{PROG_BENCH_EMPTY, PROG_BENCH_HASH, PROG_GEN};
+use sg_common::{PROG_BENCH_DROP, PROG_BENCH_EMPTY, PROG_BENCH_HASH, PROG_GEN};
 
 pub struct BenchObject {
     ebpf: Ebpf,
@@ -32,7 +32,7 @@ impl BenchObject {
         });
         let mut ebpf = Ebpf::load(&bytes)
             .unwrap_or_else(|e| panic!("loading the benchmark object {}: {e}", path.display()));
-        for name in [PROG_BENCH_EMPTY, PROG_BENCH_HASH, PROG_GEN] {
+        for name in [PROG_BENCH_EMPTY, PROG_BENCH_HASH, PROG_BENCH_DROP, PROG_GEN] {
             let p: &mut Xdp = ebpf
                 .program_mut(name)
                 .unwrap_or_else(|| panic!("{name} is missing from {}", path.display()))

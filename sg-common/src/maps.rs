@@ -13,6 +13,8 @@ pub const PROG_TC_EGRESS: &str = "sg_tc_egress";
 /// an empty XDP program and one hash lookup.
 pub const PROG_BENCH_EMPTY: &str = "sg_bench_empty";
 pub const PROG_BENCH_HASH: &str = "sg_bench_hash";
+/// Drops every frame: the physical limit the peers benchmark measures filters against.
+pub const PROG_BENCH_DROP: &str = "sg_bench_drop";
 /// Benchmark traffic generator (BPF_PROG_RUN live frames), in the benchmark object.
 pub const PROG_GEN: &str = "sg_gen";
 /// The plain hash map of the `sg_bench_hash` floor (IPv4 source address → 1), in the

@@ -41,6 +41,12 @@ mod programs {
 
     /// Benchmark floor: one hash lookup keyed by the IPv4 source address of an untagged
     /// frame, in a plain hash map the benchmark fills. Never attached.
+    /// Drops every frame and does nothing else: the physical limit of an XDP filter.
+    #[xdp]
+    pub fn sg_bench_drop(_ctx: XdpContext) -> u32 {
+        xdp_action::XDP_DROP
+    }
+
     #[xdp]
     pub fn sg_bench_hash(ctx: XdpContext) -> u32 {
         let Ok(p) = ptr_at::<[u8; 4]>(&ctx, 26) else {

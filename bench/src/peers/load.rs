@@ -181,6 +181,7 @@ pub(crate) fn flood(pair: &Pair, installed: &Installed, gen: &mut Generator, sec
     let program = match installed.variant {
         Variant::SgXdp | Variant::SgXdpLogs => Some(sg_common::PROG_XDP_INGRESS),
         Variant::SgTc => Some(sg_common::PROG_TC_INGRESS),
+        Variant::BareDrop => Some(sg_common::PROG_BENCH_DROP),
         _ => None,
     };
     let napi = pair.threaded_receive(true);
@@ -201,6 +202,16 @@ pub(crate) fn flood(pair: &Pair, installed: &Installed, gen: &mut Generator, sec
         (Some(b), Some(a)) => Some(a.saturating_sub(b) as f64),
         _ => None,
     };
+    if installed.variant == Variant::BareDrop {
+        // Everything is dropped: there is no allowed stream to measure.
+        return Flood {
+            sent_pps: sent as f64 / elapsed,
+            dropped_pps: dropped.map(|d| d / elapsed),
+            capacity_pps: dropped.filter(|_| cpu > 0.0).map(|d| d / cpu),
+            program_ns,
+            stream_gbps: f64::NAN,
+        };
+    }
     let stream = iperf_client(pair, 1, secs.ceil() as u32 + 1)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

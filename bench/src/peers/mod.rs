@@ -52,6 +52,7 @@ pub fn bench_peers(smoke: bool, quick: bool, publish: &mut Publish) {
         Variant::NftLinear,
         Variant::NftSet,
         Variant::Iptables,
+        Variant::BareDrop,
     ];
     let (scales, reps, secs, mtus): (&[u32], usize, u32, &[u32]) = if smoke {
         (&[10], 1, 1, &[1500])
@@ -91,7 +92,12 @@ pub fn bench_peers(smoke: bool, quick: bool, publish: &mut Publish) {
             if mtu != 1500 && quick && n != scales[0] {
                 continue; // --quick: jumbo frames at the smallest rule count only
             }
-            let active: Vec<Variant> = variants.iter().copied().filter(|v| v.scales(n)).collect();
+            // (f) drops everything: it has only drop figures, at MTU 1500.
+            let active: Vec<Variant> = variants
+                .iter()
+                .copied()
+                .filter(|v| v.scales(n) && (mtu == 1500 || *v != Variant::BareDrop))
+                .collect();
             let mut samples: std::collections::BTreeMap<(Variant, &str), Vec<f64>> =
                 Default::default();
             for _ in 0..reps {
@@ -107,6 +113,24 @@ pub fn bench_peers(smoke: bool, quick: bool, publish: &mut Publish) {
                             memory.retain(|(mn, mv, _, _)| !(*mn == n && *mv == v));
                             memory.push((n, v, r, k));
                         }
+                    }
+                    if v == Variant::BareDrop {
+                        let f = flood(&pair, &installed, &mut gen, flood_secs);
+                        samples
+                            .entry((v, "flood_pps"))
+                            .or_default()
+                            .push(f.sent_pps);
+                        if let Some(d) = f.dropped_pps {
+                            samples.entry((v, "dropped_pps")).or_default().push(d);
+                        }
+                        if let Some(c) = f.capacity_pps {
+                            samples.entry((v, "drop_capacity")).or_default().push(c);
+                        }
+                        if let Some(ns) = f.program_ns {
+                            samples.entry((v, "program_ns")).or_default().push(ns);
+                        }
+                        drop(installed);
+                        continue;
                     }
                     samples
                         .entry((v, "tcp_1"))
@@ -176,8 +200,14 @@ pub fn bench_peers(smoke: bool, quick: bool, publish: &mut Publish) {
                     let mut row = json!({ "mtu": mtu, "rules": n, "variant": v.label(), "setup_ms": setups.get(&(n, v)) });
                     for m in *metrics {
                         if *m == "kept" {
-                            let kept = median(samples[&(v, "tcp_under_flood")].clone()).0
-                                / median(samples[&(v, "tcp_1")].clone()).0;
+                            let (Some(under), Some(alone)) = (
+                                samples.get(&(v, "tcp_under_flood")),
+                                samples.get(&(v, "tcp_1")),
+                            ) else {
+                                line += " – |";
+                                continue;
+                            };
+                            let kept = median(under.clone()).0 / median(alone.clone()).0;
                             line += &format!(" {:.0} % |", kept * 100.0);
                             row["kept"] = json!(kept);
                             continue;
@@ -236,6 +266,26 @@ pub fn bench_peers(smoke: bool, quick: bool, publish: &mut Publish) {
                     on / off * 100.0
                 );
                 rows.push(json!({ "mtu": mtu, "rules": n, "flow_log_cost": { "tcp_1_kept": on / off, "drop_capacity_kept": med(Variant::SgXdpLogs, "drop_capacity").zip(med(Variant::SgXdp, "drop_capacity")).map(|(a, b)| a / b) } }));
+            }
+            // The physical limit (f): each drop capacity against a bare XDP_DROP's.
+            if let Some(limit) = med(Variant::BareDrop, "drop_capacity") {
+                let of = |v: Variant| {
+                    med(v, "drop_capacity")
+                        .map_or("–".to_string(), |c| format!("{:.2}×", c / limit))
+                };
+                md += &format!(
+                    "Drop capacity against the physical limit (f, a bare XDP_DROP: {}), {n} rules: sg XDP {}, sg TC {}, nftables sets {}, nftables linear {}.\n\n",
+                    fmt("drop_capacity", limit),
+                    of(Variant::SgXdp),
+                    of(Variant::SgTc),
+                    of(Variant::NftSet),
+                    of(Variant::NftLinear),
+                );
+                rows.push(json!({ "mtu": mtu, "rules": n, "of_physical_limit": {
+                    "sg_xdp": med(Variant::SgXdp, "drop_capacity").map(|c| c / limit),
+                    "sg_tc": med(Variant::SgTc, "drop_capacity").map(|c| c / limit),
+                    "nft_set": med(Variant::NftSet, "drop_capacity").map(|c| c / limit),
+                } }));
             }
         }
     }

@@ -13,6 +13,8 @@ pub enum Variant {
     NftLinear,
     NftSet,
     Iptables,
+    /// A bare `XDP_DROP` program: the physical limit of dropping on this path.
+    BareDrop,
 }
 
 impl Variant {
@@ -25,6 +27,7 @@ impl Variant {
             Variant::NftLinear => "(c) nftables, linear + ct",
             Variant::NftSet => "(d) nftables, set ip.port + ct",
             Variant::Iptables => "(e) iptables (legacy), linear + ct",
+            Variant::BareDrop => "(f) bare XDP_DROP (the physical limit)",
         }
     }
 
@@ -38,6 +41,7 @@ impl Variant {
                     | Variant::SgXdpLogs
                     | Variant::SgTc
                     | Variant::NftSet
+                    | Variant::BareDrop
             )
     }
 }
@@ -119,6 +123,9 @@ pub(crate) struct Installed {
     pub(crate) agent: Option<(Child, TempDir, PathBuf)>,
     pub(crate) server: String,
     pub(crate) variant: Variant,
+    /// (f): the benchmark object holding the attached bare drop program (its link lives
+    /// as long as the object).
+    pub(crate) _bare: Option<crate::object::BenchObject>,
     pub setup_ms: f64,
     /// For sg: the agent's own time to parse, compile and program the maps (its log).
     pub program_ms: Option<f64>,
@@ -128,8 +135,20 @@ impl Installed {
     pub(crate) fn new(pair: &Pair, variant: Variant, n: u32) -> Installed {
         let started = Instant::now();
         let mut agent = None;
+        let mut bare = None;
         match variant {
             Variant::None => {}
+            Variant::BareDrop => {
+                let mut obj = crate::object::BenchObject::load();
+                // Attached from inside the server's namespace (the interface's name is
+                // resolved there); the link lives as long as the object.
+                pair.server.enter(|| {
+                    obj.xdp(sg_common::PROG_BENCH_DROP)
+                        .attach("eth0", aya::programs::xdp::XdpMode::Driver)
+                        .expect("attaching the bare drop program");
+                });
+                bare = Some(obj);
+            }
             Variant::SgXdp | Variant::SgXdpLogs | Variant::SgTc => {
                 let dir = TempDir::new("peers");
                 let pins = dir.path("pins");
@@ -217,6 +236,7 @@ impl Installed {
             agent,
             server: pair.server.name().to_string(),
             variant,
+            _bare: bare,
             setup_ms,
             program_ms,
         }
@@ -226,6 +246,8 @@ impl Installed {
     pub(crate) fn dropped(&self) -> Option<u64> {
         match self.variant {
             Variant::None => None,
+            // Every frame it sees, it drops.
+            Variant::BareDrop => Some(prog_stats(sg_common::PROG_BENCH_DROP).1),
             Variant::SgXdp | Variant::SgXdpLogs | Variant::SgTc => {
                 let (_, _, pins) = self.agent.as_ref()?;
                 let out = Command::new(agent_bin())
@@ -355,7 +377,8 @@ impl Drop for Installed {
                     ])
                     .output();
             }
-            Variant::None => {}
+            // The link goes with the object.
+            Variant::None | Variant::BareDrop => {}
         }
     }
 }
