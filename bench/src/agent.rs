@@ -21,6 +21,9 @@ use crate::scale;
 pub type Publish<'a> = dyn FnMut(&str, &str, Value) + 'a;
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
 }

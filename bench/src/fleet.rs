@@ -34,7 +34,10 @@ use sg_tests::{
     lab::{AgentProc, Host, Lab, TempDir},
 };
 
-use crate::{agent::Publish, Mode};
+use crate::{
+    agent::{percentile_of as percentile, Publish},
+    Mode,
+};
 
 const PREFIX: &str = "/sg/";
 const ENIS: u32 = 1000;
@@ -384,14 +387,6 @@ fn latencies(published: &[(i64, Instant)], seen: &[Vec<(i64, Instant)>]) -> (Vec
     }
     out.sort_by(|a, b| a.partial_cmp(b).unwrap());
     (out, missing)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 /// etcd's CPU time (user + system, seconds) and RSS (MiB) now.

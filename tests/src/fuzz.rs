@@ -79,6 +79,31 @@ struct Pkt {
     icmp_code: u8,
 }
 
+impl Pkt {
+    /// A packet of these addresses, not a fragment, its L4 fields still to read.
+    fn new(v6: bool, proto: u8, src: IpAddr, dst: IpAddr, hop: u8) -> Pkt {
+        Pkt {
+            v6,
+            proto,
+            src,
+            dst,
+            hop,
+            frag: Frag::None,
+            frag_id: 0,
+            l4_off: 0,
+            sport: 0,
+            dport: 0,
+            flags: 0,
+            seq: 0,
+            ack: 0,
+            win: 0,
+            seg_len: 0,
+            icmp_type: 0,
+            icmp_code: 0,
+        }
+    }
+}
+
 #[derive(Debug)]
 enum Parsed {
     /// Cannot be parsed with certainty: dropped (SPEC §2). The reason is read through
@@ -161,25 +186,10 @@ fn ipv4(f: &[u8], off: usize) -> Parsed {
     } else {
         Frag::None
     };
-    let mut p = Pkt {
-        v6: false,
-        proto: h[9],
-        src: v4_at(h, 12),
-        dst: v4_at(h, 16),
-        hop: h[8],
-        frag,
-        frag_id: u16::from_be_bytes([h[4], h[5]]) as u32,
-        l4_off: off + ihl,
-        sport: 0,
-        dport: 0,
-        flags: 0,
-        seq: 0,
-        ack: 0,
-        win: 0,
-        seg_len: 0,
-        icmp_type: 0,
-        icmp_code: 0,
-    };
+    let mut p = Pkt::new(false, h[9], v4_at(h, 12), v4_at(h, 16), h[8]);
+    p.frag = frag;
+    p.frag_id = u16::from_be_bytes([h[4], h[5]]) as u32;
+    p.l4_off = off + ihl;
     if frag != Frag::Later {
         if let Err(why) = l4(f, &mut p, off + total) {
             return M(why);
@@ -200,25 +210,7 @@ fn ipv6(f: &[u8], off: usize) -> Parsed {
     if off + 40 + payload > f.len() || (payload == 0 && h[6] != 0 && h[6] != 59) {
         return M("payload length");
     }
-    let mut p = Pkt {
-        v6: true,
-        proto: h[6],
-        src: v6_at(h, 8),
-        dst: v6_at(h, 24),
-        hop: h[7],
-        frag: Frag::None,
-        frag_id: 0,
-        l4_off: 0,
-        sport: 0,
-        dport: 0,
-        flags: 0,
-        seq: 0,
-        ack: 0,
-        win: 0,
-        seg_len: 0,
-        icmp_type: 0,
-        icmp_code: 0,
-    };
+    let mut p = Pkt::new(true, h[6], v6_at(h, 8), v6_at(h, 24), h[7]);
     let is_ext = |n: u8| matches!(n, 0 | 43 | 60 | 51 | 44);
     let (mut next, mut pos, mut fragment_seen) = (h[6], off + 40, false);
     // The walk is bounded (IPV6_EXT_WALK_LIMIT headers) and stops at a non-first

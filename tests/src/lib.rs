@@ -18,6 +18,18 @@ pub mod privileges;
 
 use std::time::{Duration, Instant};
 
+/// A randomized test's seed: `SG_SEED` when set (to reproduce a failure), else the clock.
+pub fn seed() -> u64 {
+    std::env::var("SG_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        })
+}
+
 /// Polls `cond` until it returns `Some`, or panics with `what` after `deadline`.
 pub fn wait_for<T>(what: &str, deadline: Duration, mut cond: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();

@@ -24,15 +24,7 @@ fn kernel_verdicts_equal_the_reference_evaluator() {
     if !require_root("kernel_verdicts_equal_the_reference_evaluator") {
         return;
     }
-    let base: u64 = std::env::var("SG_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let base: u64 = sg_tests::seed();
     eprintln!("differential: base seed {base} (SG_SEED={base} reproduces)");
     let sizes = MapSizes {
         conntrack: 1024,

@@ -10,15 +10,7 @@ fn random_and_mutated_frames_agree_with_the_reference_model() {
     if !require_root("random_and_mutated_frames_agree_with_the_reference_model") {
         return;
     }
-    let seed = std::env::var("SG_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let seed = sg_tests::seed();
     eprintln!("fuzz: seed {seed} (SG_SEED={seed} reproduces)");
     let r = sg_tests::fuzz::campaign(40_000, seed);
     eprintln!("fuzz: {r:?}");

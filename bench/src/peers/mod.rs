@@ -38,6 +38,27 @@ use load::*;
 use topology::*;
 use variants::*;
 
+/// A flood's drop figures into the samples of variant `v`.
+fn push_drops(
+    samples: &mut std::collections::BTreeMap<(Variant, &str), Vec<f64>>,
+    v: Variant,
+    f: &Flood,
+) {
+    samples
+        .entry((v, "flood_pps"))
+        .or_default()
+        .push(f.sent_pps);
+    for (metric, value) in [
+        ("dropped_pps", f.dropped_pps),
+        ("drop_capacity", f.capacity_pps),
+        ("program_ns", f.program_ns),
+    ] {
+        if let Some(x) = value {
+            samples.entry((v, metric)).or_default().push(x);
+        }
+    }
+}
+
 fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     (v[v.len() / 2], v[0], v[v.len() - 1])
@@ -116,19 +137,7 @@ pub fn bench_peers(smoke: bool, quick: bool, publish: &mut Publish) {
                     }
                     if v == Variant::BareDrop {
                         let f = flood(&pair, &installed, &mut gen, flood_secs);
-                        samples
-                            .entry((v, "flood_pps"))
-                            .or_default()
-                            .push(f.sent_pps);
-                        if let Some(d) = f.dropped_pps {
-                            samples.entry((v, "dropped_pps")).or_default().push(d);
-                        }
-                        if let Some(c) = f.capacity_pps {
-                            samples.entry((v, "drop_capacity")).or_default().push(c);
-                        }
-                        if let Some(ns) = f.program_ns {
-                            samples.entry((v, "program_ns")).or_default().push(ns);
-                        }
+                        push_drops(&mut samples, v, &f);
                         drop(installed);
                         continue;
                     }
@@ -146,19 +155,7 @@ pub fn bench_peers(smoke: bool, quick: bool, publish: &mut Publish) {
                             .or_default()
                             .push(conn_rate(&pair, secs as f64 / 2.0));
                         let f = flood(&pair, &installed, &mut gen, flood_secs);
-                        samples
-                            .entry((v, "flood_pps"))
-                            .or_default()
-                            .push(f.sent_pps);
-                        if let Some(d) = f.dropped_pps {
-                            samples.entry((v, "dropped_pps")).or_default().push(d);
-                        }
-                        if let Some(c) = f.capacity_pps {
-                            samples.entry((v, "drop_capacity")).or_default().push(c);
-                        }
-                        if let Some(ns) = f.program_ns {
-                            samples.entry((v, "program_ns")).or_default().push(ns);
-                        }
+                        push_drops(&mut samples, v, &f);
                         samples
                             .entry((v, "tcp_under_flood"))
                             .or_default()
