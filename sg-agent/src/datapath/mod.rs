@@ -215,12 +215,7 @@ impl Datapath {
             }
         }
         let mut ebpf = loader.load(object)?;
-        let xdp: &mut Xdp = program(&mut ebpf, PROG_XDP_INGRESS)?;
-        xdp.load().map_err(prog_err(PROG_XDP_INGRESS))?;
-        for name in [PROG_TC_INGRESS, PROG_TC_EGRESS] {
-            let p: &mut SchedClassifier = program(&mut ebpf, name)?;
-            p.load().map_err(prog_err(name))?;
-        }
+        load_programs(&mut ebpf)?;
         let mut dp = Datapath {
             ebpf,
             links: Vec::new(),
@@ -318,6 +313,51 @@ impl Datapath {
         let mut a: Array<&mut MapData, StatusBlob> = self.map(&registry::STATUS)?;
         a.set(0, *blob, 0).map_err(map_err(MAP_STATUS))
     }
+}
+
+/// Loads (verifies) the three programs at once, each from a thread of its own: the
+/// kernel verifies a program in the thread that loads it, and verification is most of
+/// the agent's start (about a second per program at this datapath's size), so on a
+/// machine with more than one core the programs are verified side by side.
+fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
+    let mut wanted: Vec<(&'static str, &mut aya::programs::Program)> = ebpf
+        .programs_mut()
+        .filter_map(|(name, p)| {
+            [PROG_XDP_INGRESS, PROG_TC_INGRESS, PROG_TC_EGRESS]
+                .into_iter()
+                .find(|w| *w == name)
+                .map(|w| (w, p))
+        })
+        .collect();
+    for name in [PROG_XDP_INGRESS, PROG_TC_INGRESS, PROG_TC_EGRESS] {
+        if !wanted.iter().any(|(n, _)| *n == name) {
+            return Err(DatapathError::MissingProgram(name));
+        }
+    }
+    let load = |name: &'static str, p: &mut aya::programs::Program| -> Result<()> {
+        let loaded = match p {
+            aya::programs::Program::Xdp(x) if name == PROG_XDP_INGRESS => x.load(),
+            aya::programs::Program::SchedClassifier(c) if name != PROG_XDP_INGRESS => c.load(),
+            _ => Err(ProgramError::UnexpectedProgramType),
+        };
+        loaded.map_err(prog_err(name))
+    };
+    std::thread::scope(|s| {
+        let (first, rest) = wanted.split_first_mut().expect("three programs");
+        let others: Vec<_> = rest
+            .iter_mut()
+            .map(|(name, p)| {
+                let name = *name;
+                s.spawn(move || load(name, p))
+            })
+            .collect();
+        let mut result = load(first.0, first.1);
+        for h in others {
+            let r = h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+            result = result.and(r);
+        }
+        result
+    })
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
