@@ -132,7 +132,18 @@ struct RawInterface {
     owner_id: Option<String>,
 }
 
+/// Interfaces parsed per part when a large native state is parsed in parts.
+const PART: usize = 512;
+
 pub fn parse(text: &str) -> Result<(State, super::ObjectLines, Origins), Vec<Problem>> {
+    match parse_in_parts(text) {
+        Some(parsed) => Ok(parsed),
+        None => parse_whole(text),
+    }
+}
+
+/// The file in one parse.
+fn parse_whole(text: &str) -> Result<(State, super::ObjectLines, Origins), Vec<Problem>> {
     let file: File = toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| super::Lines::new(text).line(s.start));
         let mut p = Problem::new("file", "syntax", super::aws::friendly(e.message().trim()));
@@ -146,20 +157,127 @@ pub fn parse(text: &str) -> Result<(State, super::ObjectLines, Origins), Vec<Pro
             "empty state: no [[security_group]] and no [[interface]] (an empty state is far more often a truncated write or a typo than an intent; to enforce nothing, list the interfaces with no groups)",
         )]);
     }
+    let index = super::Lines::new(text);
+    let (mut state, mut lines, origins, mut problems) =
+        head(file.settings, file.groups, file.prefix_lists, |at| {
+            index.line(at)
+        });
+    for n in file.interfaces {
+        let line = index.line(n.id.span().start);
+        lines.interfaces.push(line);
+        state
+            .network_interfaces
+            .push(interface(n, Some(line), &mut problems));
+    }
+    if problems.is_empty() {
+        Ok((state, lines, origins))
+    } else {
+        // Report structural problems together with what validation finds.
+        problems.extend(state.validate_named(&origins).into_iter().map(|mut p| {
+            p.line = lines.get(&state, &p.object);
+            p
+        }));
+        Err(problems)
+    }
+}
+
+/// A large valid state parsed as a stream: the text outside the `[[interface]]` tables
+/// in one parse, then the interfaces `PART` at a time, each part's parse tree dropped
+/// before the next, so the parser's memory is that of one part and not of the whole file
+/// (a TOML parse tree is tens of times its text). The result is the whole parse's: the
+/// same items in the same order with the same lines. None, and the caller parses the
+/// whole file, for a small file, one whose tables cannot be located for certain, or any
+/// problem at all (so every error is reported exactly as the whole parse reports it).
+fn parse_in_parts(text: &str) -> Option<(State, super::ObjectLines, Origins)> {
+    let spans = super::document::toml_interface_spans(text.as_bytes())?;
+    if spans.len() <= PART {
+        return None;
+    }
+    // The rest of the file, with where each of its pieces starts in `text`.
+    let mut rest = String::new();
+    let mut pieces: Vec<(usize, usize)> = Vec::with_capacity(spans.len() + 1);
+    let mut at = 0;
+    for s in spans
+        .iter()
+        .chain(std::iter::once(&(text.len()..text.len())))
+    {
+        pieces.push((rest.len(), at));
+        rest.push_str(text.get(at..s.start)?);
+        at = s.end;
+    }
+    let in_text = |pieces: &[(usize, usize)], p: usize| {
+        let i = pieces
+            .partition_point(|(from, _)| *from <= p)
+            .saturating_sub(1);
+        pieces[i].1 + (p - pieces[i].0)
+    };
+    let index = super::Lines::new(text);
+    let file: File = toml::from_str(&rest).ok()?;
+    if !file.interfaces.is_empty() {
+        return None;
+    }
+    let (mut state, mut lines, origins, mut problems) =
+        head(file.settings, file.groups, file.prefix_lists, |p| {
+            index.line(in_text(&pieces, p))
+        });
+    drop(rest);
+    state.network_interfaces.reserve_exact(spans.len());
+    lines.interfaces.reserve_exact(spans.len());
+    let mut part = String::new();
+    let mut starts: Vec<(usize, usize)> = Vec::with_capacity(PART);
+    for chunk in spans.chunks(PART) {
+        part.clear();
+        starts.clear();
+        for s in chunk {
+            starts.push((part.len(), s.start));
+            part.push_str(text.get(s.clone())?);
+            if !part.ends_with('\n') {
+                part.push('\n');
+            }
+        }
+        let file: File = toml::from_str(&part).ok()?;
+        if file.interfaces.len() != chunk.len()
+            || file.settings.is_some()
+            || !file.groups.is_empty()
+            || !file.prefix_lists.is_empty()
+        {
+            return None;
+        }
+        for n in file.interfaces {
+            let line = index.line(in_text(&starts, n.id.span().start));
+            lines.interfaces.push(line);
+            state
+                .network_interfaces
+                .push(interface(n, Some(line), &mut problems));
+        }
+        if !problems.is_empty() {
+            return None;
+        }
+    }
+    problems.is_empty().then_some((state, lines, origins))
+}
+
+/// Settings, groups and prefix lists: the state without its interfaces, where each
+/// object is (by `line_of` a position of the parsed text) and the problems found.
+fn head(
+    settings: Option<RawSettings>,
+    groups: Vec<RawGroup>,
+    prefix_lists: Vec<RawPrefixList>,
+    line_of: impl Fn(usize) -> usize,
+) -> (State, super::ObjectLines, Origins, Vec<Problem>) {
     let mut problems = Vec::new();
     let mut origins = Origins::default();
     let mut lines = super::ObjectLines::default();
-    let index = super::Lines::new(text);
     let mut state = State {
         settings: Settings {
-            timeouts: file.settings.map(|s| s.timeouts).unwrap_or_default(),
+            timeouts: settings.map(|s| s.timeouts).unwrap_or_default(),
         },
         ..State::default()
     };
-    for g in file.groups {
+    for g in groups {
         let id = g.id.get_ref().clone();
         let object = group_object(&id);
-        let line = index.line(g.id.span().start);
+        let line = line_of(g.id.span().start);
         lines.named.insert(object.clone(), line);
         let _ = g.description;
         let gi = state.security_groups.len();
@@ -195,10 +313,10 @@ pub fn parse(text: &str) -> Result<(State, super::ObjectLines, Origins), Vec<Pro
             egress,
         });
     }
-    for p in file.prefix_lists {
+    for p in prefix_lists {
         let id = p.id.get_ref().clone();
         let object = prefix_list_object(&id);
-        let line = index.line(p.id.span().start);
+        let line = line_of(p.id.span().start);
         lines.named.insert(object.clone(), line);
         let mut err = |field: String, msg: String| {
             let mut pr = Problem::new(&object, field, msg);
@@ -227,23 +345,7 @@ pub fn parse(text: &str) -> Result<(State, super::ObjectLines, Origins), Vec<Pro
             entries,
         });
     }
-    for n in file.interfaces {
-        let line = index.line(n.id.span().start);
-        lines.interfaces.push(line);
-        state
-            .network_interfaces
-            .push(interface(n, Some(line), &mut problems));
-    }
-    if problems.is_empty() {
-        Ok((state, lines, origins))
-    } else {
-        // Report structural problems together with what validation finds.
-        problems.extend(state.validate_named(&origins).into_iter().map(|mut p| {
-            p.line = lines.get(&state, &p.object);
-            p
-        }));
-        Err(problems)
-    }
+    (state, lines, origins, problems)
 }
 
 /// Network interfaces alone: text made only of `[[interface]]` tables (a part of a
@@ -460,5 +562,78 @@ fn parse_ports(p: &StrOrInt) -> Result<PortMatch, String> {
                 Ok(PortMatch::Ports { from: n, to: n })
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod parts {
+    use super::*;
+
+    /// Equal results of the two ways, objects, lines and rule origins included.
+    fn assert_same(text: &str) {
+        let (a, al, ao) = parse_in_parts(text).expect("parsed in parts");
+        let (b, bl, bo) = parse_whole(text).expect("parsed whole");
+        assert_eq!(a, b);
+        assert_eq!(al.named, bl.named);
+        assert_eq!(al.interfaces, bl.interfaces);
+        let sorted = |o: &Origins| {
+            let mut v: Vec<String> = o.rules.iter().map(|e| format!("{e:?}")).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(sorted(&ao), sorted(&bo));
+    }
+
+    fn interfaces(from: usize, to: usize) -> String {
+        let mut s = String::new();
+        for i in from..to {
+            s += &format!(
+                "[[interface]] # item {i}\nid = \"eni-{i}\"\nipv4 = [\"198.18.{}.{}\"]\ngroups = [\"sg-a\"]\n",
+                i >> 8,
+                i & 255
+            );
+            if i % 11 == 0 {
+                s += "audit = true\n\n# a comment\n";
+            }
+            if i % 7 == 0 {
+                s += "\n[interface.timeouts]\ntcp_established = 600\n";
+            }
+        }
+        s
+    }
+
+    #[test]
+    fn a_large_state_parsed_in_parts_equals_its_whole_parse() {
+        let mut text = String::from("# top\n[settings.timeouts]\nudp = 40\n\n[[security_group]]\nid = \"sg-a\"\ndescription = \"\"\"\n[[interface]]\n\"\"\"\ningress = [\n  { protocol = \"tcp\", ports = \"22\", from = [\"sg-a\", \"pl-1\"] },\n]\n");
+        text += &interfaces(0, 700);
+        text +=
+            "[[prefix_list]]\nid = \"pl-1\"\nfamily = \"ipv4\"\nentries = [\"198.19.0.0/16\"]\n\n";
+        text += &interfaces(700, 1500);
+        text += "[[security_group]]\nid = \"sg-b\"\negress = []\n";
+        text += &interfaces(1500, 1600);
+        // No newline at the end of the last table.
+        text.pop();
+        assert_same(&text);
+    }
+
+    #[test]
+    fn any_problem_or_a_small_file_is_left_to_the_whole_parse() {
+        let mut text = String::from("[[security_group]]\nid = \"sg-a\"\n");
+        text += &interfaces(0, 10);
+        assert!(parse_in_parts(&text).is_none(), "small");
+        text += &interfaces(10, 1000);
+        assert!(parse_in_parts(&text).is_some());
+        for broken in [
+            text.replace("id = \"eni-900\"", "id = \"eni-900\"\nunknown = 1"),
+            text.replace("ipv4 = [\"198.18.3.132\"]", "ipv4 = [\"not an address\"]"),
+            text.replace(
+                "[[interface]] # item 901\n",
+                "[[interface]] # item 901\nipv4 = [",
+            ),
+        ] {
+            assert!(parse_in_parts(&broken).is_none());
+            let whole = parse_whole(&broken).err().expect("an error");
+            assert_eq!(super::parse(&broken).err(), Some(whole));
+        }
     }
 }
