@@ -107,11 +107,19 @@ impl ChangeSummary {
                 prefix_lists_changed.insert(p.id.clone());
             }
         }
+        // By id, not `State::interface` (a scan) per interface: a full apply of 100k
+        // interfaces after another compares them in one pass.
+        let old_by_id: std::collections::HashMap<&str, &crate::model::NetworkInterface> = old
+            .network_interfaces
+            .iter()
+            .map(|n| (n.id.as_str(), n))
+            .collect();
         let interfaces_changed = new
             .network_interfaces
             .iter()
             .filter(|n| {
-                old.interface(&n.id)
+                old_by_id
+                    .get(n.id.as_str())
                     .is_some_and(|o| o.mac != n.mac || o.ipv4 != n.ipv4 || o.ipv6 != n.ipv6)
             })
             .map(|n| n.id.clone())

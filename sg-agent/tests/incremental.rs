@@ -237,6 +237,63 @@ fn a_member_appended_to_a_large_file_is_incremental() {
     }
 }
 
+#[test]
+fn a_member_removed_from_a_large_file_is_incremental() {
+    let path = Path::new("state.toml");
+    let items: Vec<Item> = (0..1000)
+        .map(|i| Item {
+            id: format!("eni-{i}"),
+            v4: i,
+            groups: vec!["sg-a"],
+            mac: None,
+            timeouts: i % 3 == 0,
+        })
+        .collect();
+    // The file with item `i`'s text cut out, as an operator's edit would.
+    let without = |json: bool, text: &str, i: usize| -> String {
+        let item = if json {
+            let it = json_item(&items[i]);
+            if i + 1 == items.len() {
+                format!(",\n  {it}")
+            } else {
+                format!("{it},\n  ")
+            }
+        } else if i < items.len() / 2 {
+            format!("{}\n", toml_item(&items[i]))
+        } else {
+            toml_item(&items[i])
+        };
+        assert!(text.contains(&item));
+        text.replacen(&item, "", 1)
+    };
+    for json in [false, true] {
+        for gone in [999, 500, 0] {
+            let text = render(json, &items, 80);
+            let (mut doc, mut state) = Document::parse(path, text.clone().into_bytes()).unwrap();
+            let new = without(json, &text, gone);
+            let change = doc
+                .update(&mut state, new.clone().into_bytes())
+                .unwrap_or_else(|_| {
+                    panic!("removing eni-{gone} (json: {json}) took the full path")
+                });
+            assert_eq!(change.removed.len(), change.added + 1);
+            assert!(change.removed.iter().any(|n| n.id == format!("eni-{gone}")));
+            assert_eq!(
+                state,
+                full(&new).unwrap(),
+                "removing eni-{gone} (json: {json})"
+            );
+            // The document follows: the next removal is incremental too.
+            let next = without(json, &new, 600);
+            doc.update(&mut state, next.clone().into_bytes())
+                .unwrap_or_else(|_| {
+                    panic!("the change after removing eni-{gone} took the full path")
+                });
+            assert_eq!(state, full(&next).unwrap());
+        }
+    }
+}
+
 /// A plan by content: every prefix with its ruleset's grants and port entries (ruleset
 /// ids may differ between an incremental change and a full compile).
 fn by_content(

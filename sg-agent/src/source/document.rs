@@ -190,6 +190,8 @@ impl Document {
         }
         let slice = std::str::from_utf8(&new[start..new_end]).ok()?;
         let (items, spans) = match self.format {
+            // The changed items are gone and nothing replaces them: a removal.
+            _ if slice.is_empty() => (vec![], vec![]),
             Format::Aws => {
                 let items = aws::parse_interfaces(slice)?;
                 let spans = json_list_spans(slice.as_bytes())?;
@@ -209,7 +211,7 @@ impl Document {
                 (items, spans)
             }
         };
-        if items.is_empty() || items.len() != spans.len() {
+        if items.len() != spans.len() {
             return None;
         }
         let added = items.len();
@@ -233,7 +235,7 @@ impl Document {
         self.spans
             .extend(spans.into_iter().map(|s| s.start + start..s.end + start));
         // Native items tile the text: the first new one starts where the old one did.
-        if self.format == Format::Native {
+        if self.format == Format::Native && added > 0 {
             self.spans[lo].start = start;
         }
         self.spans.extend(tail);
@@ -415,7 +417,7 @@ enum Lex {
 /// Spans of the `[[interface]]` tables of a native state: from the header to the next
 /// header that is not the interface's own sub-table (`[interface.timeouts]`), or the end.
 /// None when the text has a header this scanner cannot name for certain.
-fn toml_interface_spans(b: &[u8]) -> Option<Vec<Range<usize>>> {
+pub(super) fn toml_interface_spans(b: &[u8]) -> Option<Vec<Range<usize>>> {
     let mut spans = Vec::new();
     let mut open: Option<usize> = None;
     let mut lex = Lex::Top;
