@@ -16,7 +16,9 @@ pub enum MapOp {
     /// counter slot is zeroed first).
     PutInterface {
         ifindex: u32,
-        plan: InterfacePlan,
+        /// Boxed: the other operations are small, and a start programs a few hundred
+        /// thousand of them.
+        plan: Box<InterfacePlan>,
         fresh: bool,
     },
     DeleteInterface {
@@ -54,7 +56,7 @@ pub fn diff(old: &Plan, new: &Plan) -> Vec<MapOp> {
         if old.interfaces.get(ifindex).is_some_and(|o| o != plan) {
             ops.push(MapOp::PutInterface {
                 ifindex: *ifindex,
-                plan: plan.clone(),
+                plan: Box::new(plan.clone()),
                 fresh: false,
             });
         }
@@ -118,7 +120,7 @@ pub fn diff(old: &Plan, new: &Plan) -> Vec<MapOp> {
         if !old.interfaces.contains_key(ifindex) {
             ops.push(MapOp::PutInterface {
                 ifindex: *ifindex,
-                plan: plan.clone(),
+                plan: Box::new(plan.clone()),
                 fresh: true,
             });
         }

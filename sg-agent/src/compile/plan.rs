@@ -142,7 +142,7 @@ impl Plan {
     pub fn apply(&mut self, op: &MapOp) {
         match op {
             MapOp::PutInterface { ifindex, plan, .. } => {
-                self.interfaces.insert(*ifindex, plan.clone());
+                self.interfaces.insert(*ifindex, (**plan).clone());
             }
             MapOp::DeleteInterface { ifindex } => {
                 self.interfaces.remove(ifindex);
