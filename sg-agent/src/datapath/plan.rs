@@ -14,6 +14,8 @@ use sg_common::{
     RulesetRef, NET_KEY_FIXED_BITS,
 };
 
+use std::os::fd::AsFd;
+
 use super::{map_err, tables::direction_of, Datapath, DatapathError, Result};
 use crate::{
     compile::{MapOp, PortPrefix, PrefixKey},
@@ -75,10 +77,53 @@ address_key!(Net6Data, NET6, 16, u32::to_be_bytes, u32::from_be_bytes);
 impl Datapath {
     /// Applies map operations in the order given (the compiler's diff order).
     pub fn apply(&mut self, ops: &[MapOp]) -> Result<()> {
-        for op in ops {
-            self.apply_one(op)?;
+        let mut at = 0;
+        while at < ops.len() {
+            // A run of host entries of one family: one batch into its exact table (the
+            // kernel applies a batch's entries in order, as one call each would).
+            let run = host_run(&ops[at..]);
+            if run > 1 {
+                let batch = &ops[at..at + run];
+                match host_family(&ops[at]) {
+                    Some(Family::V4) => self.put_exact_batch::<Addr4Key>(batch)?,
+                    _ => self.put_exact_batch::<Addr6Key>(batch)?,
+                }
+                at += run;
+            } else {
+                self.apply_one(&ops[at])?;
+                at += 1;
+            }
         }
         Ok(())
+    }
+
+    /// Puts the host entries `ops` (all `PutPrefix` of one family) in one batch.
+    fn put_exact_batch<K: AddressKey>(&mut self, ops: &[MapOp]) -> Result<()> {
+        let (keys, values): (Vec<K>, Vec<RulesetRef>) = ops
+            .iter()
+            .filter_map(|op| match op {
+                MapOp::PutPrefix { key, ruleset } => {
+                    Some((K::new(key), RulesetRef { ruleset: *ruleset }))
+                }
+                _ => None,
+            })
+            .unzip();
+        let map = self
+            .ebpf
+            .map(K::SPEC.name)
+            .ok_or(DatapathError::MissingMap(K::SPEC.name))?;
+        let aya::maps::Map::HashMap(data) = map else {
+            return Err(DatapathError::MissingMap(K::SPEC.name));
+        };
+        crate::sys::map_update_batch(data.fd().as_fd(), &keys, &values).map_err(|io_error| {
+            DatapathError::Map {
+                name: K::SPEC.name,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_update_batch",
+                    io_error,
+                }),
+            }
+        })
     }
 
     fn apply_one(&mut self, op: &MapOp) -> Result<()> {
@@ -161,6 +206,25 @@ impl Datapath {
             None => ignore_missing(m.remove(&k)),
         }
         .map_err(map_err(K::SPEC.name))
+    }
+}
+
+/// The family of a host entry's `PutPrefix`, None for any other operation.
+fn host_family(op: &MapOp) -> Option<Family> {
+    match op {
+        MapOp::PutPrefix { key, .. } if key.cidr.is_host() => Some(key.cidr.family()),
+        _ => None,
+    }
+}
+
+/// How many operations from the first are host entries of its family.
+fn host_run(ops: &[MapOp]) -> usize {
+    match ops.first().and_then(host_family) {
+        Some(f) => ops
+            .iter()
+            .take_while(|op| host_family(op) == Some(f))
+            .count(),
+        None => 0,
     }
 }
 
