@@ -203,11 +203,7 @@ pub fn bench_agent(smoke: bool, quick: bool, publish: &mut Publish) {
     for format in ["toml", "json"] {
         let dir = TempDir::new("bench-agent-big");
         let state_path = dir.path(&format!("state.{format}"));
-        let body = if format == "toml" {
-            text.clone()
-        } else {
-            sg_agent::source::to_aws_json(&sg_agent::source::parse_str(&text).expect("bench state"))
-        };
+        let body = in_format(format, &text);
         write_state(&state_path, &body);
         let started = Instant::now();
         let agent = PinnedAgent::start(&state_path, dir, &[]);
@@ -218,17 +214,10 @@ pub fn bench_agent(smoke: bool, quick: bool, publish: &mut Publish) {
         let apply_ms = agent.last_apply_ms().unwrap_or(f64::NAN);
         // Then membership changes, one member joining and leaving in turn: the agent's
         // memory must not grow with the changes it has applied.
-        let joined = if format == "toml" {
-            format!("{text}{}", scale::members_text(members, members + 1))
-        } else {
-            sg_agent::source::to_aws_json(
-                &sg_agent::source::parse_str(&format!(
-                    "{text}{}",
-                    scale::members_text(members, members + 1)
-                ))
-                .expect("bench state"),
-            )
-        };
+        let joined = in_format(
+            format,
+            &format!("{text}{}", scale::members_text(members, members + 1)),
+        );
         for k in 0..churn {
             let next = if k % 2 == 0 { &joined } else { &body };
             write_state(&state_path, next);
@@ -256,6 +245,15 @@ pub fn bench_agent(smoke: bool, quick: bool, publish: &mut Publish) {
     publish("agent", &md, results);
 }
 
+/// A native state `text` in `format` ("toml" as it is, "json" as AWS JSON).
+fn in_format(format: &str, text: &str) -> String {
+    if format == "toml" {
+        text.to_string()
+    } else {
+        sg_agent::source::to_aws_json(&sg_agent::source::parse_str(text).expect("bench state"))
+    }
+}
+
 /// One-member changes as the agent sees them.
 pub struct Latency {
     /// The new state file in place (renamed over the old one) → the member's address in
@@ -273,13 +271,7 @@ pub fn one_member_latency(format: &str, members: u32, changes: u32) -> Latency {
     let dir = TempDir::new("bench-agent");
     let state_path = dir.path(&format!("state.{format}"));
     let base_members = scale::state_text(100, members);
-    let to_format = |text: &str| -> String {
-        if format == "toml" {
-            text.to_string()
-        } else {
-            sg_agent::source::to_aws_json(&sg_agent::source::parse_str(text).expect("bench state"))
-        }
-    };
+    let to_format = |text: &str| in_format(format, text);
     write_state(&state_path, &to_format(&base_members));
     let agent = PinnedAgent::start(&state_path, dir, &[]);
     agent.wait_member(members - 1, Duration::from_secs(60));

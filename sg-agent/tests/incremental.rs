@@ -206,18 +206,23 @@ fn incremental_updates_equal_full_parses() {
     );
 }
 
-#[test]
-fn a_member_appended_to_a_large_file_is_incremental() {
-    let path = Path::new("state.toml");
-    let items: Vec<Item> = (0..1000)
+/// 1000 interfaces of `sg-a`, item i with timeouts when `timeouts(i)`.
+fn large(timeouts: impl Fn(u32) -> bool) -> Vec<Item> {
+    (0..1000)
         .map(|i| Item {
             id: format!("eni-{i}"),
             v4: i,
             groups: vec!["sg-a"],
             mac: None,
-            timeouts: false,
+            timeouts: timeouts(i),
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn a_member_appended_to_a_large_file_is_incremental() {
+    let path = Path::new("state.toml");
+    let items = large(|_| false);
     for json in [false, true] {
         let text = render(json, &items, 80);
         let (mut doc, mut state) = Document::parse(path, text.into_bytes()).unwrap();
@@ -240,15 +245,7 @@ fn a_member_appended_to_a_large_file_is_incremental() {
 #[test]
 fn a_member_removed_from_a_large_file_is_incremental() {
     let path = Path::new("state.toml");
-    let items: Vec<Item> = (0..1000)
-        .map(|i| Item {
-            id: format!("eni-{i}"),
-            v4: i,
-            groups: vec!["sg-a"],
-            mac: None,
-            timeouts: i % 3 == 0,
-        })
-        .collect();
+    let items = large(|i| i % 3 == 0);
     // The file with item `i`'s text cut out, as an operator's edit would.
     let without = |json: bool, text: &str, i: usize| -> String {
         let item = if json {

@@ -320,41 +320,38 @@ impl Datapath {
 /// the agent's start (about a second per program at this datapath's size), so on a
 /// machine with more than one core the programs are verified side by side.
 fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
-    let mut wanted: Vec<(&'static str, &mut aya::programs::Program)> = ebpf
+    const PROGRAMS: [&str; 3] = [PROG_XDP_INGRESS, PROG_TC_INGRESS, PROG_TC_EGRESS];
+    let mut found: Vec<(&'static str, &mut aya::programs::Program)> = ebpf
         .programs_mut()
-        .filter_map(|(name, p)| {
-            [PROG_XDP_INGRESS, PROG_TC_INGRESS, PROG_TC_EGRESS]
-                .into_iter()
-                .find(|w| *w == name)
-                .map(|w| (w, p))
-        })
+        .filter_map(|(name, p)| PROGRAMS.into_iter().find(|w| *w == name).map(|w| (w, p)))
         .collect();
-    for name in [PROG_XDP_INGRESS, PROG_TC_INGRESS, PROG_TC_EGRESS] {
-        if !wanted.iter().any(|(n, _)| *n == name) {
-            return Err(DatapathError::MissingProgram(name));
-        }
+    if let Some(missing) = PROGRAMS
+        .into_iter()
+        .find(|w| found.iter().all(|(n, _)| n != w))
+    {
+        return Err(DatapathError::MissingProgram(missing));
     }
     let load = |name: &'static str, p: &mut aya::programs::Program| -> Result<()> {
-        let loaded = match p {
-            aya::programs::Program::Xdp(x) if name == PROG_XDP_INGRESS => x.load(),
-            aya::programs::Program::SchedClassifier(c) if name != PROG_XDP_INGRESS => c.load(),
+        match p {
+            aya::programs::Program::Xdp(x) => x.load(),
+            aya::programs::Program::SchedClassifier(c) => c.load(),
             _ => Err(ProgramError::UnexpectedProgramType),
-        };
-        loaded.map_err(prog_err(name))
+        }
+        .map_err(prog_err(name))
     };
     std::thread::scope(|s| {
-        let (first, rest) = wanted.split_first_mut().expect("three programs");
-        let others: Vec<_> = rest
+        let loaders: Vec<_> = found
             .iter_mut()
             .map(|(name, p)| {
                 let name = *name;
                 s.spawn(move || load(name, p))
             })
             .collect();
-        let mut result = load(first.0, first.1);
-        for h in others {
-            let r = h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
-            result = result.and(r);
+        // Every loader is joined, so no program is left loading when one fails.
+        let mut result = Ok(());
+        for h in loaders {
+            let loaded = h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+            result = result.and(loaded);
         }
         result
     })

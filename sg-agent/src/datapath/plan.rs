@@ -81,17 +81,19 @@ impl Datapath {
         while at < ops.len() {
             // A run of host entries of one family: one batch into its exact table (the
             // kernel applies a batch's entries in order, as one call each would).
-            let run = host_run(&ops[at..]);
-            if run > 1 {
-                let batch = &ops[at..at + run];
-                match host_family(&ops[at]) {
-                    Some(Family::V4) => self.put_exact_batch::<Addr4Key>(batch)?,
-                    _ => self.put_exact_batch::<Addr6Key>(batch)?,
+            match host_run(&ops[at..]) {
+                Some((family, run)) if run > 1 => {
+                    let batch = &ops[at..at + run];
+                    match family {
+                        Family::V4 => self.put_exact_batch::<Addr4Key>(batch)?,
+                        Family::V6 => self.put_exact_batch::<Addr6Key>(batch)?,
+                    }
+                    at += run;
                 }
-                at += run;
-            } else {
-                self.apply_one(&ops[at])?;
-                at += 1;
+                _ => {
+                    self.apply_one(&ops[at])?;
+                    at += 1;
+                }
             }
         }
         Ok(())
@@ -217,15 +219,15 @@ fn host_family(op: &MapOp) -> Option<Family> {
     }
 }
 
-/// How many operations from the first are host entries of its family.
-fn host_run(ops: &[MapOp]) -> usize {
-    match ops.first().and_then(host_family) {
-        Some(f) => ops
-            .iter()
-            .take_while(|op| host_family(op) == Some(f))
-            .count(),
-        None => 0,
-    }
+/// The family of the first operation when it is a host entry, and how many operations
+/// from it are host entries of that family.
+fn host_run(ops: &[MapOp]) -> Option<(Family, usize)> {
+    let family = host_family(ops.first()?)?;
+    let run = ops
+        .iter()
+        .take_while(|op| host_family(op) == Some(family))
+        .count();
+    Some((family, run))
 }
 
 fn per_cpu_zero<T: aya::Pod + Default + Clone>() -> Result<PerCpuValues<T>> {

@@ -220,6 +220,9 @@ fn parse_in_parts(text: &str) -> Option<(State, super::ObjectLines, Origins)> {
         head(file.settings, file.groups, file.prefix_lists, |p| {
             index.line(in_text(&pieces, p))
         });
+    if !problems.is_empty() {
+        return None;
+    }
     drop(rest);
     state.network_interfaces.reserve_exact(spans.len());
     lines.interfaces.reserve_exact(spans.len());
@@ -254,7 +257,7 @@ fn parse_in_parts(text: &str) -> Option<(State, super::ObjectLines, Origins)> {
             return None;
         }
     }
-    problems.is_empty().then_some((state, lines, origins))
+    Some((state, lines, origins))
 }
 
 /// Settings, groups and prefix lists: the state without its interfaces, where each
