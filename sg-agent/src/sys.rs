@@ -253,6 +253,64 @@ pub fn map_update_batch<K: aya::Pod, V: aya::Pod>(
     Ok(())
 }
 
+/// The bytes of a `BPF_F_MMAPABLE` array map, mapped shared: what is stored here the
+/// datapath sees at once, byte by byte, beside its own stores (a whole-value update from
+/// user space would undo the datapath's writes to the same value).
+pub struct SharedBytes {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value and only reached through byte atomics.
+unsafe impl Send for SharedBytes {}
+
+impl SharedBytes {
+    /// Maps `len` bytes of the map `map` read-write.
+    pub fn map(map: std::os::fd::BorrowedFd<'_>, len: usize) -> io::Result<SharedBytes> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a new shared mapping of the map's own memory; the kernel checks `len`
+        // against the map's size and the map's flag.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(SharedBytes {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    fn byte(&self, at: usize) -> &std::sync::atomic::AtomicU8 {
+        assert!(at < self.len, "byte {at} of a {}-byte mapping", self.len);
+        // SAFETY: in bounds of a live mapping; AtomicU8 has the layout of u8.
+        unsafe { &*self.ptr.add(at).cast::<std::sync::atomic::AtomicU8>() }
+    }
+
+    pub fn load(&self, at: usize) -> u8 {
+        self.byte(at).load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn store(&self, at: usize, v: u8) {
+        self.byte(at).store(v, std::sync::atomic::Ordering::Release)
+    }
+}
+
+impl Drop for SharedBytes {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
 // ---- inotify ----
 
 /// Calls `on_change` once the watches are in place (so a change made before then is not

@@ -227,10 +227,19 @@ pub const SLOT_PROBES: u32 = 4;
 pub const SLOT_SWEEP_EACH: u32 = 2;
 pub const SLOT_SWEEP: u32 = 8;
 
-/// The slot of `SG_CT_SLOTS` where the probe for `key` starts: a multiplicative hash of
-/// the key's words, the same in the kernel and in user space.
+/// The slot of `SG_CT_SLOTS` where the probe for `key` starts.
 #[inline(always)]
 pub fn ct_slot_of(key: &CtKey, slots: u32) -> u32 {
+    if slots == 0 {
+        0
+    } else {
+        ct_hash(key) % slots
+    }
+}
+
+/// A multiplicative hash of a flow key's words, the same in the kernel and in user space.
+#[inline(always)]
+pub fn ct_hash(key: &CtKey) -> u32 {
     let w = |b: &[u8], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     let mut h: u32 = 0x811c_9dc5 ^ key.ifindex;
     let mut mix = |x: u32| {
@@ -252,11 +261,62 @@ pub fn ct_slot_of(key: &CtKey, slots: u32) -> u32 {
         mix(w(&key.local, i * 4));
         mix(w(&key.remote, i * 4));
     }
-    if slots == 0 {
-        0
+    h
+}
+
+/// The flow-presence filter (`SG_CT_SEEN`): one byte per slot, in chunks of
+/// `SEEN_CHUNK` bytes after a header chunk. A flow's slot (its key's hash, masked) holds
+/// the epoch in which it was last stamped; the datapath stamps the slot before it inserts a
+/// flow into either table, and the agent stamps every listed flow before it moves the
+/// epoch on. A slot stamped in the current or the previous epoch may hold a flow; any
+/// other value proves that neither table does, so a packet of no flow skips both lookups.
+/// A slot is never cleared (collisions and evictions only cost a lookup), and a filter
+/// that is off (`SEEN_ON` zero) answers "maybe" for every key.
+pub const SEEN_CHUNK: u32 = 4096;
+/// Header byte: the current epoch (1 to 255; 0 before the agent first set one).
+pub const SEEN_EPOCH: usize = 0;
+/// Header byte: non-zero when the datapath may trust the filter.
+pub const SEEN_ON: usize = 1;
+/// Header bytes 4 to 7: the slot mask (slots − 1, little-endian).
+pub const SEEN_MASK: usize = 4;
+
+/// Slots of the filter for tables of `conntrack` and `conntrack_new` flows: a power of two,
+/// at least twice as many as both tables hold, at least one chunk.
+pub const fn seen_slots(conntrack: u32, conntrack_new: u32) -> u32 {
+    let flows = conntrack.saturating_add(conntrack_new);
+    let wanted = if flows > 1 << 30 {
+        1 << 31
     } else {
-        h % slots
+        (2 * flows).next_power_of_two()
+    };
+    if wanted < SEEN_CHUNK {
+        SEEN_CHUNK
+    } else {
+        wanted
     }
+}
+
+/// The epoch after `e` (1 to 255, then 1 again).
+#[inline(always)]
+pub const fn seen_next(e: u8) -> u8 {
+    if e == u8::MAX {
+        1
+    } else {
+        e + 1
+    }
+}
+
+/// Whether a slot stamped `stamp` may hold a flow in epoch `epoch`.
+#[inline(always)]
+pub const fn seen_admits(stamp: u8, epoch: u8) -> bool {
+    stamp != 0 && (stamp == epoch || seen_next(stamp) == epoch)
+}
+
+/// The chunk (after the header) and byte of `key`'s slot, for a filter of `mask` + 1 slots.
+#[inline(always)]
+pub fn seen_place(key: &CtKey, mask: u32) -> (u32, usize) {
+    let slot = ct_hash(key) & mask;
+    (1 + slot / SEEN_CHUNK, (slot % SEEN_CHUNK) as usize)
 }
 
 /// The state a flow opens in: only a SYN opens one (`tcp_opens`).
@@ -575,5 +635,38 @@ mod tests {
         assert!(!is_expired(10_000_000_000, 0, 10));
         assert!(is_expired(10_000_000_001, 0, 10));
         assert!(!is_expired(0, 5, 10), "clock behind entry never expires it");
+    }
+
+    #[test]
+    fn a_stamp_holds_for_its_epoch_and_the_next_only() {
+        for e in 1..=255u8 {
+            assert!(seen_admits(e, e));
+            assert!(seen_admits(e, seen_next(e)), "stamp {e} in the next epoch");
+            assert!(
+                !seen_admits(e, seen_next(seen_next(e))),
+                "stamp {e} two epochs on"
+            );
+            assert!(!seen_admits(0, e), "a slot never stamped holds no flow");
+        }
+        assert_eq!(seen_next(255), 1, "epoch 0 is never current");
+    }
+
+    #[test]
+    fn the_filter_has_twice_the_flows_in_whole_chunks() {
+        assert_eq!(seen_slots(262_144, 65_536), 1 << 20);
+        assert_eq!(seen_slots(1, 1), SEEN_CHUNK);
+        assert_eq!(seen_slots(u32::MAX, u32::MAX), 1 << 31);
+        let key = CtKey {
+            ifindex: 7,
+            family: 4,
+            protocol: 6,
+            local_port: [0, 80],
+            remote_port: [1, 2],
+            _pad: [0; 2],
+            local: [1; 16],
+            remote: [2; 16],
+        };
+        let (chunk, byte) = seen_place(&key, seen_slots(262_144, 65_536) - 1);
+        assert!((1..=256).contains(&chunk) && byte < SEEN_CHUNK as usize);
     }
 }

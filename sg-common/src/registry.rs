@@ -61,6 +61,8 @@ pub enum Sizing {
     ConntrackNew,
     /// Twice the conntrack size, plus one.
     ConntrackSlots,
+    /// The presence filter's chunks for both conntrack tables, plus its header.
+    ConntrackSeen,
     Addresses,
     Networks,
     Ports,
@@ -83,10 +85,23 @@ pub struct MapSpec {
     /// `BPF_F_NO_PREALLOC`: hash maps only the agent writes, and every LPM trie (the
     /// kernel requires it of tries).
     pub no_prealloc: bool,
+    /// `BPF_F_MMAPABLE`: an array the agent writes through shared memory, byte by byte
+    /// beside the datapath's own writes (a whole-value update would undo them).
+    pub mmapable: bool,
     pub sizing: Sizing,
     pub writer: Writer,
     /// One line: what it holds.
     pub holds: &'static str,
+}
+
+impl MapSpec {
+    /// The map flags the kernel object declares (`BPF_F_NO_PREALLOC`, `BPF_F_MMAPABLE`).
+    pub const fn flags(&self) -> u32 {
+        const NO_PREALLOC: u32 = 1;
+        const MMAPABLE: u32 = 1 << 10;
+        (if self.no_prealloc { NO_PREALLOC } else { 0 })
+            | (if self.mmapable { MMAPABLE } else { 0 })
+    }
 }
 
 const fn lpm(data: usize) -> u32 {
@@ -100,6 +115,7 @@ pub const STATUS: MapSpec = MapSpec {
     value_size: size_of::<StatusBlob>() as u32,
     max_entries: 1,
     no_prealloc: false,
+    mmapable: false,
     sizing: Sizing::Fixed,
     writer: Writer::Agent,
     holds:
@@ -112,6 +128,7 @@ pub const CT: MapSpec = MapSpec {
     value_size: size_of::<CtEntry>() as u32,
     max_entries: 262_144,
     no_prealloc: false,
+    mmapable: false,
     sizing: Sizing::Conntrack,
     writer: Writer::Both,
     holds: "established (assured) flows; new flows can never evict these",
@@ -123,6 +140,7 @@ pub const CT_NEW: MapSpec = MapSpec {
     value_size: size_of::<CtEntry>() as u32,
     max_entries: 65_536,
     no_prealloc: false,
+    mmapable: false,
     sizing: Sizing::ConntrackNew,
     writer: Writer::Both,
     holds: "embryonic flows (one direction seen); LRU, so floods only evict each other",
@@ -134,10 +152,25 @@ pub const CT_SLOTS: MapSpec = MapSpec {
     value_size: size_of::<CtKey>() as u32,
     max_entries: 2 * 262_144 + 1,
     no_prealloc: false,
+    mmapable: false,
     sizing: Sizing::ConntrackSlots,
     writer: Writer::Datapath,
     holds: "the established table's index (a key per slot, twice its size, then the sweep \
             cursor): how the datapath finds and removes expired flows itself, with or without the agent",
+};
+pub const CT_SEEN: MapSpec = MapSpec {
+    name: "SG_CT_SEEN",
+    kind: MapKind::Array,
+    key_size: 4,
+    value_size: crate::ct::SEEN_CHUNK,
+    max_entries: 1 + crate::ct::seen_slots(CT.max_entries, CT_NEW.max_entries)
+        / crate::ct::SEEN_CHUNK,
+    no_prealloc: false,
+    mmapable: true,
+    sizing: Sizing::ConntrackSeen,
+    writer: Writer::Both,
+    holds: "flow-presence filter over both conntrack tables (a header, then an epoch byte per \
+            slot): a packet whose slot is stale has no flow and skips both lookups",
 };
 pub const ADDR4: MapSpec = MapSpec {
     name: "SG_ADDR4",
@@ -146,6 +179,7 @@ pub const ADDR4: MapSpec = MapSpec {
     value_size: size_of::<RulesetRef>() as u32,
     max_entries: 524_288,
     no_prealloc: true,
+    mmapable: false,
     sizing: Sizing::Addresses,
     writer: Writer::Agent,
     holds: "exact remote IPv4 addresses (/32: group members, hosts) → ruleset",
@@ -157,6 +191,7 @@ pub const ADDR6: MapSpec = MapSpec {
     value_size: size_of::<RulesetRef>() as u32,
     max_entries: 524_288,
     no_prealloc: true,
+    mmapable: false,
     sizing: Sizing::Addresses,
     writer: Writer::Agent,
     holds: "exact remote IPv6 addresses (/128) → ruleset",
@@ -168,6 +203,7 @@ pub const NET4: MapSpec = MapSpec {
     value_size: size_of::<RulesetRef>() as u32,
     max_entries: 131_072,
     no_prealloc: true,
+    mmapable: false,
     sizing: Sizing::Networks,
     writer: Writer::Agent,
     holds: "remote IPv4 CIDRs, flattened (each carries the union of its containers) → ruleset",
@@ -179,6 +215,7 @@ pub const NET6: MapSpec = MapSpec {
     value_size: size_of::<RulesetRef>() as u32,
     max_entries: 131_072,
     no_prealloc: true,
+    mmapable: false,
     sizing: Sizing::Networks,
     writer: Writer::Agent,
     holds: "remote IPv6 CIDRs, flattened → ruleset",
@@ -190,6 +227,7 @@ pub const PORTS: MapSpec = MapSpec {
     value_size: size_of::<Grant>() as u32,
     max_entries: 262_144,
     no_prealloc: true,
+    mmapable: false,
     sizing: Sizing::Ports,
     writer: Writer::Agent,
     holds: "port stage: {ruleset, protocol, port} → admitting rule and flags",
@@ -201,6 +239,7 @@ pub const IFACE: MapSpec = MapSpec {
     value_size: size_of::<IfaceConfig>() as u32,
     max_entries: 256,
     no_prealloc: false,
+    mmapable: false,
     sizing: Sizing::Interfaces,
     writer: Writer::Agent,
     holds: "ifindex → settings of an enforced interface (absent: not enforced)",
@@ -212,6 +251,7 @@ pub const GLOBAL: MapSpec = MapSpec {
     value_size: size_of::<GlobalConfig>() as u32,
     max_entries: 1,
     no_prealloc: false,
+    mmapable: false,
     sizing: Sizing::Fixed,
     writer: Writer::Agent,
     holds: "global settings: clock offset (tests), denied-event rate, size of the conntrack index",
@@ -224,6 +264,7 @@ pub const COUNTERS: MapSpec = MapSpec {
     value_size: size_of::<Counters>() as u32,
     max_entries: 256,
     no_prealloc: false,
+    mmapable: false,
     sizing: Sizing::Interfaces,
     writer: Writer::Datapath,
     holds: "per-CPU packet and byte counters by interface counter slot (zeroed by the agent on a new slot)",
@@ -235,6 +276,7 @@ pub const RULE_HITS: MapSpec = MapSpec {
     value_size: 8,
     max_entries: 131_072,
     no_prealloc: false,
+    mmapable: false,
     sizing: Sizing::Rules,
     writer: Writer::Datapath,
     holds: "rule id → per-CPU count of flows admitted",
@@ -247,6 +289,7 @@ pub const FRAGS: MapSpec = MapSpec {
     value_size: size_of::<FragEntry>() as u32,
     max_entries: 16_384,
     no_prealloc: false,
+    mmapable: false,
     sizing: Sizing::Fragments,
     writer: Writer::Datapath,
     holds: "allowed first fragments, by interface, direction, addresses and id, for the reassembly timeout",
@@ -259,6 +302,7 @@ pub const EVENTS: MapSpec = MapSpec {
     value_size: 0,
     max_entries: 1 << 20,
     no_prealloc: false,
+    mmapable: false,
     sizing: Sizing::Fixed,
     writer: Writer::Datapath,
     holds: "flow events (admitted flows, rate-limited denials) for the agent",
@@ -270,6 +314,7 @@ pub const EVENT_RATE: MapSpec = MapSpec {
     value_size: size_of::<EventRate>() as u32,
     max_entries: 1,
     no_prealloc: false,
+    mmapable: false,
     sizing: Sizing::Fixed,
     writer: Writer::Datapath,
     holds: "per-CPU token state of the denied-event rate limit",
@@ -280,9 +325,9 @@ pub const EVENT_RATE: MapSpec = MapSpec {
 pub const RETIRED: [&str; 5] = ["SG_FRAGS", "SG_COUNTERS", "SG_EVENTS", "SG_CT", "SG_CT_NEW"];
 
 /// Every map of the enforcing object, in pinning order.
-pub const MAPS: [MapSpec; 16] = [
-    STATUS, CT, CT_NEW, CT_SLOTS, ADDR4, ADDR6, NET4, NET6, PORTS, IFACE, GLOBAL, COUNTERS,
-    RULE_HITS, FRAGS, EVENTS, EVENT_RATE,
+pub const MAPS: [MapSpec; 17] = [
+    STATUS, CT, CT_NEW, CT_SLOTS, CT_SEEN, ADDR4, ADDR6, NET4, NET6, PORTS, IFACE, GLOBAL,
+    COUNTERS, RULE_HITS, FRAGS, EVENTS, EVENT_RATE,
 ];
 
 /// The spec of the map named `name`.
@@ -297,6 +342,7 @@ pub mod names {
     pub const MAP_CT: &str = CT.name;
     pub const MAP_CT_NEW: &str = CT_NEW.name;
     pub const MAP_CT_SLOTS: &str = CT_SLOTS.name;
+    pub const MAP_CT_SEEN: &str = CT_SEEN.name;
     pub const MAP_ADDR4: &str = ADDR4.name;
     pub const MAP_ADDR6: &str = ADDR6.name;
     pub const MAP_NET4: &str = NET4.name;

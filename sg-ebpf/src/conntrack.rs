@@ -9,7 +9,9 @@ use sg_common::{ct::*, *};
 
 use crate::{
     // The tables of this layout (`_V2`: with sequence tracking).
-    maps::{SG_CT_NEW_V2 as SG_CT_NEW, SG_CT_SLOTS, SG_CT_V2 as SG_CT, SG_GLOBAL, SG_IFACE},
+    maps::{
+        SG_CT_NEW_V2 as SG_CT_NEW, SG_CT_SEEN, SG_CT_SLOTS, SG_CT_V2 as SG_CT, SG_GLOBAL, SG_IFACE,
+    },
     parse::{Ip, L4},
 };
 
@@ -147,9 +149,67 @@ fn timeout(cfg: &IfaceConfig, e: &CtEntry, protocol: u8) -> u32 {
     cfg.timeouts.get(slot).copied().unwrap_or(0)
 }
 
+/// The presence filter's header: its epoch, whether it is on, and its slot mask.
+#[inline(always)]
+fn seen_header() -> Option<(u8, bool, u32)> {
+    let h = SG_CT_SEEN.get(0)?;
+    let mask = u32::from_le_bytes([
+        h[SEEN_MASK],
+        h[SEEN_MASK + 1],
+        h[SEEN_MASK + 2],
+        h[SEEN_MASK + 3],
+    ]);
+    Some((h[SEEN_EPOCH], h[SEEN_ON] != 0, mask))
+}
+
+/// False only when the presence filter proves that neither table holds `key`'s flow
+/// (`sg_common::ct::SEEN_CHUNK`); true whenever it cannot tell.
+#[inline(always)]
+fn may_be_tracked(key: &CtKey) -> bool {
+    let Some((epoch, true, mask)) = seen_header() else {
+        return true;
+    };
+    let (chunk, byte) = seen_place(key, mask);
+    match SG_CT_SEEN.get(chunk).and_then(|c| c.get(byte)) {
+        Some(&stamp) => seen_admits(stamp, epoch),
+        None => true,
+    }
+}
+
+/// Stamps `key`'s slot of the presence filter with the current epoch; called before the
+/// flow goes into either table, so the filter never denies a flow a table holds.
+#[inline(always)]
+fn mark_tracked(key: &CtKey) {
+    let Some((epoch, _, mask)) = seen_header() else {
+        return;
+    };
+    if epoch == 0 {
+        return;
+    }
+    let (chunk, byte) = seen_place(key, mask);
+    if let Some(c) = SG_CT_SEEN.get_ptr_mut(chunk) {
+        // SAFETY: a live map value of plain bytes; a byte store, so CPUs stamping slots of
+        // one chunk at once never undo each other's.
+        unsafe {
+            if let Some(b) = (*c).get_mut(byte) {
+                if *b != epoch {
+                    core::ptr::write_volatile(b, epoch);
+                }
+            }
+        }
+    }
+}
+
 /// Looks the packet's flow up in both tables and advances it.
 #[inline(always)]
 pub fn track(key: &CtKey, ip: &Ip, dir: u8, cfg: &IfaceConfig, now: u64) -> Track {
+    // A TCP segment without SYN nearly always belongs to a flow: it goes to the tables
+    // without asking the filter, so established traffic pays nothing for it. Everything
+    // that may open a flow (a SYN, UDP, ICMP), a flood's packets among them, asks first.
+    let established_kind = ip.protocol == PROTO_TCP && ip.l4.tcp_flags & TH_SYN == 0;
+    if !established_kind && !may_be_tracked(key) {
+        return Track::Miss;
+    }
     if let Some(p) = SG_CT.get_ptr_mut(key) {
         // SAFETY: the pointer is to a live map value; concurrent writers only race on
         // counters and timestamps, which is accepted (as in Cilium).
@@ -224,6 +284,7 @@ fn promote(key: &CtKey, e: &CtEntry, cfg: &IfaceConfig, now: u64) -> i32 {
     // A plain code, not a `Result`: a BPF-to-BPF call returns in one register.
     let code = |r: Result<(), i32>| r.err().unwrap_or(0);
     let slots = SG_GLOBAL.get(0).map_or(0, |g| g.ct_slots);
+    mark_tracked(key);
     if slots == 0 {
         return code(SG_CT.insert(key, e, BPF_NOEXIST as u64));
     }
@@ -361,6 +422,7 @@ pub fn open(key: &CtKey, ip: &Ip, opening: &Opening) {
     // first entry. A packet that missed both tables while another CPU promoted the flow
     // (it looked at SG_CT before the insert and at SG_CT_NEW after the removal) would
     // leave a duplicate embryonic entry: it is removed when the flow is established.
+    mark_tracked(key);
     if SG_CT_NEW.insert(key, &e, BPF_NOEXIST as u64).is_ok() {
         // SAFETY: read-only presence check.
         if unsafe { SG_CT.get(key).is_some() } {

@@ -2,19 +2,14 @@
 //! (`sg_common::registry`): name, kind, sizes and flags come from one spec per map. The
 //! capacities are defaults that the agent overrides at load time.
 
-use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
-use sg_common::{registry as spec, registry::MapSpec, *};
+use sg_common::{ct::SEEN_CHUNK, registry as spec, registry::MapSpec, *};
 
 const fn flags(s: MapSpec) -> u32 {
-    if s.no_prealloc {
-        BPF_F_NO_PREALLOC
-    } else {
-        0
-    }
+    s.flags()
 }
 
 /// See `registry::CT.holds`.
@@ -31,6 +26,11 @@ pub static SG_CT_NEW_V2: LruHashMap<CtKey, CtEntry> =
 #[map]
 pub static SG_CT_SLOTS: Array<CtKey> =
     Array::with_max_entries(spec::CT_SLOTS.max_entries, flags(spec::CT_SLOTS));
+
+/// See `registry::CT_SEEN.holds`; the layout is `sg_common::ct::SEEN_*`.
+#[map]
+pub static SG_CT_SEEN: Array<[u8; SEEN_CHUNK as usize]> =
+    Array::with_max_entries(spec::CT_SEEN.max_entries, flags(spec::CT_SEEN));
 
 /// See `registry::ADDR4.holds`.
 #[map]

@@ -32,7 +32,11 @@ pub struct Bpf {
 
 impl Bpf {
     pub fn load(sizes: &MapSizes) -> Bpf {
-        let dp = Datapath::load(sizes).unwrap_or_else(|e| panic!("loading the datapath: {e:?}"));
+        let mut dp =
+            Datapath::load(sizes).unwrap_or_else(|e| panic!("loading the datapath: {e:?}"));
+        // As the agent does once it has attached: every test runs with the filter trusted.
+        dp.refresh_seen()
+            .unwrap_or_else(|e| panic!("refreshing the presence filter: {e:?}"));
         Bpf {
             dp,
             plan: Plan::default(),

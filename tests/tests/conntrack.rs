@@ -668,3 +668,83 @@ fn membership_change_admits_new_connections_and_keeps_established_ones() {
         "new connection denied after leaving"
     );
 }
+
+/// The presence filter in front of both tables never hides a flow they hold: idle flows
+/// outlive many epochs (the refresh stamps them), and a flow inserted behind the
+/// datapath's back (as an earlier build's programs would) is invisible only until the
+/// next refresh, which is why loading and attaching switch the filter off.
+#[test]
+fn the_presence_filter_never_hides_a_flow() {
+    if !require_root("the_presence_filter_never_hides_a_flow") {
+        return;
+    }
+    let mut bpf = main_bpf();
+    assert!(
+        bpf.dp.seen_is_on(),
+        "the harness refreshes as the agent does"
+    );
+    let (ing, eg) = (Hook::Xdp, Hook::TcEgress);
+    let peer = "198.18.10.5";
+    bpf.sequence(
+        "an established flow and an embryonic one",
+        &[
+            (ing, tcp(peer, ME4, 50000, 22, TH_SYN), true),
+            (eg, tcp(ME4, peer, 22, 50000, TH_SYN | TH_ACK), true),
+            (ing, tcp(peer, ME4, 50000, 22, TH_ACK), true),
+            (ing, tcp(peer, ME4, 50001, 22, TH_SYN), true),
+        ],
+    );
+    for _ in 0..6 {
+        bpf.dp.refresh_seen().expect("refresh");
+    }
+    bpf.sequence(
+        "both flows six epochs on",
+        &[
+            // Egress to the peer's port is allowed only as part of a flow.
+            (eg, tcp(ME4, peer, 22, 50000, TH_ACK), true),
+            (eg, tcp(ME4, peer, 22, 50001, TH_SYN | TH_ACK), true),
+            (eg, tcp(ME4, peer, 22, 50002, TH_ACK), false),
+        ],
+    );
+    // Copies of both flows under other ports, written straight into the tables: no
+    // program stamped them. A segment without SYN goes to the tables without asking the
+    // filter; the embryonic copy's SYN-ACK asks, and the filter answers "no flow" until a
+    // refresh stamps every flow of the tables.
+    let flows = bpf.dp.tables().flows().unwrap();
+    let copy = |port: u16, to: u16| {
+        let (key, entry, established) = flows
+            .iter()
+            .find(|(k, _, _)| u16::from_be_bytes(k.remote_port) == port)
+            .unwrap_or_else(|| panic!("the flow from port {port}"));
+        let key = sg_common::CtKey {
+            remote_port: to.to_be_bytes(),
+            ..*key
+        };
+        (key, *entry, *established)
+    };
+    for (key, entry, established) in [copy(50000, 50003), copy(50001, 50004)] {
+        let spec = if established {
+            sg_common::registry::CT
+        } else {
+            sg_common::registry::CT_NEW
+        };
+        let map = bpf.dp.ebpf().map_mut(spec.name).unwrap();
+        let mut table: aya::maps::HashMap<_, sg_common::CtKey, sg_common::CtEntry> =
+            aya::maps::HashMap::try_from(map).unwrap();
+        table.insert(key, entry, 0).unwrap();
+    }
+    assert!(
+        bpf.run(eg, &tcp(ME4, peer, 22, 50003, TH_ACK).build()),
+        "an established segment is looked up whatever the filter says"
+    );
+    let syn_ack = tcp(ME4, peer, 22, 50004, TH_SYN | TH_ACK).build();
+    assert!(
+        !bpf.run(eg, &syn_ack),
+        "an unstamped flow is not looked up while the filter is trusted"
+    );
+    bpf.dp.refresh_seen().expect("refresh");
+    assert!(
+        bpf.run(eg, &syn_ack),
+        "the refresh stamped every flow of the tables"
+    );
+}

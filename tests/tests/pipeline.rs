@@ -84,6 +84,16 @@ fn enforce_and_probe(hook: IngressHook) {
     server
         .enter(|| bpf.dp.attach("eth0", ifindex, hook, None))
         .unwrap_or_else(|e| panic!("{hook:?}: attach: {e:?}"));
+    // An attach stops the datapath trusting the presence filter (the programs it replaced
+    // may never have stamped it) until the filter is refreshed, as the agent does next.
+    assert!(
+        !bpf.dp.seen_is_on(),
+        "{hook:?}: the filter is off after an attach"
+    );
+    bpf.dp
+        .refresh_seen()
+        .expect("refreshing the presence filter");
+    assert!(bpf.dp.seen_is_on());
     let link =
         String::from_utf8_lossy(&server.ip(&["link", "show", "dev", "eth0"]).stdout).to_string();
     if hook == IngressHook::Xdp {

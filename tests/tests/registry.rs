@@ -7,6 +7,8 @@ use sg_tests::privileges::require_root;
 
 /// BPF_F_NO_PREALLOC (include/uapi/linux/bpf.h).
 const NO_PREALLOC: u32 = 1;
+/// BPF_F_MMAPABLE (include/uapi/linux/bpf.h).
+const MMAPABLE: u32 = 1 << 10;
 
 /// The kind of a loaded map and its kernel info.
 fn describe(map: &aya::maps::Map) -> Option<(MapKind, aya::maps::MapInfo)> {
@@ -45,6 +47,11 @@ fn every_map_of_the_object_matches_its_registry_spec() {
             info.map_flags() & NO_PREALLOC != 0,
             spec.no_prealloc,
             "{name}: BPF_F_NO_PREALLOC"
+        );
+        assert_eq!(
+            info.map_flags() & MMAPABLE != 0,
+            spec.mmapable,
+            "{name}: BPF_F_MMAPABLE"
         );
         seen.push(name.to_string());
     }

@@ -298,6 +298,7 @@ impl Agent {
                 agent.write_status();
             }
         }
+        agent.refresh_seen();
         let reader = ring::Reader::open(
             &agent.opts.pin_dir,
             &agent.opts.run_dir,
@@ -380,6 +381,10 @@ impl Agent {
             self.next_tick = now + self.opts.tick;
             self.check_enforcement();
             self.hot_plug();
+            if !self.dp.seen_is_on() {
+                // An attach switched the presence filter off.
+                self.refresh_seen();
+            }
             if self.opts.etcd.is_none() {
                 // Polling fallback for file changes inotify could not see.
                 self.reload(false);
@@ -399,6 +404,7 @@ impl Agent {
                 }
                 Err(e) => log::warn!("conntrack GC: {e}"),
             }
+            self.refresh_seen();
         }
         let due = self
             .flow_log
@@ -406,6 +412,15 @@ impl Agent {
             .is_some_and(|f| f.lock().unwrap_or_else(|p| p.into_inner()).next_flush <= now);
         if due {
             self.flush_flow_log();
+        }
+    }
+
+    /// Stamps every flow into the presence filter and moves its epoch on; a filter that
+    /// could not be refreshed stays as it was (off, or trusted with fresh stamps).
+    fn refresh_seen(&mut self) {
+        match self.dp.refresh_seen() {
+            Ok(n) => log::debug!("presence filter refreshed over {n} flows"),
+            Err(e) => log::warn!("refreshing the flow-presence filter: {e}"),
         }
     }
 

@@ -41,6 +41,9 @@ impl Datapath {
                     source,
                 })?;
         }
+        // Until the next refresh: the programs replaced here may be an earlier build's,
+        // which open flows without stamping the presence filter.
+        self.seen_off();
         let (ingress, other) = match hook {
             IngressHook::Xdp => (link_kind::XDP, link_kind::TC_INGRESS),
             IngressHook::Tc => (link_kind::TC_INGRESS, link_kind::XDP),

@@ -2,8 +2,9 @@
 //! gives, attach the programs, read tables back. The only module that touches aya.
 //!
 //! Rooms: this file (loading, sizes, errors), `plan` (map operations ↔ map entries),
-//! `attach` (the one attach path), `pins` (link names, pinned layouts, detach) and
-//! `tables` (every reader, written once for loaded and pinned maps).
+//! `attach` (the one attach path), `pins` (link names, pinned layouts, detach), `seen`
+//! (the flow-presence filter's stamps and epochs) and `tables` (every reader, written once
+//! for loaded and pinned maps).
 
 #![forbid(unsafe_code)]
 
@@ -23,6 +24,7 @@ use sg_common::{
 mod attach;
 mod pins;
 mod plan;
+mod seen;
 mod tables;
 
 pub use pins::{
@@ -131,6 +133,10 @@ impl MapSizes {
             Sizing::Conntrack => self.conntrack,
             Sizing::ConntrackNew => self.conntrack_new,
             Sizing::ConntrackSlots => self.conntrack.saturating_mul(2).saturating_add(1),
+            Sizing::ConntrackSeen => {
+                1 + sg_common::ct::seen_slots(self.conntrack, self.conntrack_new)
+                    / sg_common::ct::SEEN_CHUNK
+            }
             Sizing::Addresses => self.addresses,
             Sizing::Networks => self.networks,
             Sizing::Ports => self.ports,
@@ -169,6 +175,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     /// Links attached without a pin directory (tests): they go with the Datapath.
     links: Vec<FdLink>,
+    /// The flow-presence filter, mapped.
+    seen: Option<seen::Seen>,
 }
 
 impl Datapath {
@@ -216,9 +224,11 @@ impl Datapath {
         }
         let mut ebpf = loader.load(object)?;
         load_programs(&mut ebpf)?;
+        let seen = Some(seen::Seen::open(&ebpf)?);
         let mut dp = Datapath {
             ebpf,
             links: Vec::new(),
+            seen,
         };
         let adopted =
             pin_dir.is_some_and(|_| dp.global().is_ok_and(|g| g.deny_events_per_sec != 0));

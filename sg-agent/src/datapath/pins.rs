@@ -240,6 +240,7 @@ pub(super) fn check_sizes(pin_dir: &Path, sizes: &super::MapSizes) -> Result<()>
                 flag: match spec.sizing {
                     Sizing::Conntrack | Sizing::ConntrackSlots => "--conntrack-size",
                     Sizing::ConntrackNew => "--conntrack-new-size",
+                    Sizing::ConntrackSeen => "--conntrack-size and --conntrack-new-size",
                     _ => "this sg-agent",
                 },
                 pinned: info.max_entries(),

@@ -292,6 +292,8 @@ impl Datapath {
                 }
             }
         }
+        // Before the flows are there, as the datapath does.
+        self.seen_stamp(flows.iter().map(|(k, _, _)| *k));
         let mut placed = Vec::new();
         let mut n = 0;
         for (established, spec) in [(true, &registry::CT), (false, &registry::CT_NEW)] {

@@ -188,6 +188,22 @@ impl Tables<'_> {
         Ok(out)
     }
 
+    /// The keys of every flow of both tables (no values: one call per flow).
+    pub fn flow_keys(&self) -> Result<Vec<CtKey>> {
+        let mut out = Vec::new();
+        for spec in [&registry::CT, &registry::CT_NEW] {
+            let keys = self.with(spec, |map| {
+                let m: HashMap<&MapData, CtKey, CtEntry> =
+                    HashMap::try_from(map).map_err(map_err(spec.name))?;
+                m.keys()
+                    .map(|k| k.map_err(map_err(spec.name)))
+                    .collect::<Result<Vec<_>>>()
+            })?;
+            out.extend(keys.unwrap_or_default());
+        }
+        Ok(out)
+    }
+
     /// What the policy maps hold, as a plan without rule metadata.
     pub fn read_back(&self) -> Result<Plan> {
         let mut plan = Plan::default();
