@@ -32,8 +32,7 @@ pub struct Bpf {
 
 impl Bpf {
     pub fn load(sizes: &MapSizes) -> Bpf {
-        let mut dp =
-            Datapath::load(sizes).unwrap_or_else(|e| panic!("loading the datapath: {e:?}"));
+        let dp = Datapath::load(sizes).unwrap_or_else(|e| panic!("loading the datapath: {e:?}"));
         // As the agent does once it has attached: every test runs with the filter trusted.
         dp.refresh_seen()
             .unwrap_or_else(|e| panic!("refreshing the presence filter: {e:?}"));

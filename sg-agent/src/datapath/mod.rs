@@ -108,6 +108,14 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
     move |source| DatapathError::Map { name, source }
 }
 
+/// A failed system call on the map `name` (one aya does not make for us).
+fn sys_err(name: &'static str, call: &'static str) -> impl FnOnce(std::io::Error) -> DatapathError {
+    move |io_error| DatapathError::Map {
+        name,
+        source: MapError::SyscallError(aya::sys::SyscallError { call, io_error }),
+    }
+}
+
 fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> DatapathError {
     move |source| DatapathError::Program { name, source }
 }

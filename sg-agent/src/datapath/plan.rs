@@ -16,7 +16,7 @@ use sg_common::{
 
 use std::os::fd::AsFd;
 
-use super::{map_err, tables::direction_of, Datapath, DatapathError, Result};
+use super::{map_err, sys_err, tables::direction_of, Datapath, DatapathError, Result};
 use crate::{
     compile::{MapOp, PortPrefix, PrefixKey},
     net::{Cidr, Family},
@@ -117,15 +117,8 @@ impl Datapath {
         let aya::maps::Map::HashMap(data) = map else {
             return Err(DatapathError::MissingMap(K::SPEC.name));
         };
-        crate::sys::map_update_batch(data.fd().as_fd(), &keys, &values).map_err(|io_error| {
-            DatapathError::Map {
-                name: K::SPEC.name,
-                source: MapError::SyscallError(aya::sys::SyscallError {
-                    call: "bpf_map_update_batch",
-                    io_error,
-                }),
-            }
-        })
+        crate::sys::map_update_batch(data.fd().as_fd(), &keys, &values)
+            .map_err(sys_err(K::SPEC.name, "bpf_map_update_batch"))
     }
 
     fn apply_one(&mut self, op: &MapOp) -> Result<()> {
@@ -231,12 +224,9 @@ fn host_run(ops: &[MapOp]) -> Option<(Family, usize)> {
 }
 
 fn per_cpu_zero<T: aya::Pod + Default + Clone>() -> Result<PerCpuValues<T>> {
-    let io = |call, io_error| DatapathError::Map {
-        name: registry::COUNTERS.name,
-        source: MapError::SyscallError(aya::sys::SyscallError { call, io_error }),
-    };
-    let cpus = aya::util::nr_cpus().map_err(|(_, e)| io("nr_cpus", e))?;
-    PerCpuValues::try_from(vec![T::default(); cpus]).map_err(|e| io("per_cpu_values", e))
+    let name = registry::COUNTERS.name;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| sys_err(name, "nr_cpus")(e))?;
+    PerCpuValues::try_from(vec![T::default(); cpus]).map_err(sys_err(name, "per_cpu_values"))
 }
 
 /// Deleting what is already gone is done.

@@ -9,13 +9,12 @@
 
 use std::{os::fd::AsFd, time::Duration};
 
-use aya::maps::MapError;
 use sg_common::{
     ct::{seen_next, seen_place, SEEN_CHUNK, SEEN_EPOCH, SEEN_MASK, SEEN_ON},
     registry, CtKey,
 };
 
-use super::{Datapath, DatapathError, Result};
+use super::{sys_err, Datapath, DatapathError, Result};
 use crate::sys::SharedBytes;
 
 /// Longer than any program run: after it, no program still works with what it read of the
@@ -43,13 +42,7 @@ impl Seen {
             return Err(DatapathError::MissingMap(name));
         }
         let bytes = SharedBytes::map(data.fd().as_fd(), entries as usize * SEEN_CHUNK as usize)
-            .map_err(|io_error| DatapathError::Map {
-                name,
-                source: MapError::SyscallError(aya::sys::SyscallError {
-                    call: "mmap",
-                    io_error,
-                }),
-            })?;
+            .map_err(sys_err(name, "mmap"))?;
         let seen = Seen {
             bytes,
             mask: (entries - 1) * SEEN_CHUNK - 1,
@@ -102,7 +95,7 @@ impl Datapath {
     /// moves the epoch on: a slot last stamped two epochs ago holds no flow. Off, the
     /// filter is given an epoch and a grace period first, so that every flow a program
     /// inserts from then on is stamped or listed here. Returns how many flows it stamped.
-    pub fn refresh_seen(&mut self) -> Result<usize> {
+    pub fn refresh_seen(&self) -> Result<usize> {
         let Some(s) = &self.seen else {
             return Ok(0);
         };
@@ -115,9 +108,6 @@ impl Datapath {
             std::thread::sleep(GRACE);
         }
         let keys = self.tables().flow_keys()?;
-        let Some(s) = &self.seen else {
-            return Ok(0);
-        };
         for k in &keys {
             s.stamp(k, epoch);
         }
