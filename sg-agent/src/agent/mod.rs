@@ -298,7 +298,6 @@ impl Agent {
                 agent.write_status();
             }
         }
-        agent.refresh_seen();
         let reader = ring::Reader::open(
             &agent.opts.pin_dir,
             &agent.opts.run_dir,
@@ -309,6 +308,8 @@ impl Agent {
         let reader = Arc::new(Mutex::new(reader));
         ring::spawn_reader(reader.clone());
         agent.reader = Some(reader);
+        // Last: its grace period must not delay the monitor socket the reader opens.
+        agent.refresh_seen();
         Ok(agent)
     }
 
