@@ -732,3 +732,64 @@ fn an_upgraded_agent_and_detach_remove_the_pins_of_retired_maps() {
         "detach removed everything"
     );
 }
+
+#[test]
+fn a_stop_the_moment_the_state_is_applied_is_a_clean_stop() {
+    if !require_root("a_stop_the_moment_the_state_is_applied_is_a_clean_stop") {
+        return;
+    }
+    // Once the status says "applied", the agent is whole: its monitor socket is open and
+    // a SIGTERM is a clean stop (exit 0, after the flow log is flushed), never the
+    // default action that kills it mid-way.
+    let t = Lab::two_tier();
+    let dir = TempDir::new("stop-at-once");
+    let state = dir.path("state.toml");
+    let sha = write_state(&state, &example("two-tier.toml"));
+    let flow_log = dir.path("flow.log");
+    for round in 0..3 {
+        let log = dir.path(&format!("agent{round}.log"));
+        let mut agent =
+            t.db.start_agent(&state, &["--flow-log", flow_log.to_str().unwrap()], &log);
+        let pid = agent.child.id();
+        // No pause between polls: the first status that says applied is acted on.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Ok(Some(st)) = agent.child.try_wait() {
+                panic!("sg-agent exited ({st}):\n{}", agent.log_text());
+            }
+            assert!(Instant::now() < deadline, "round {round}: never applied");
+            match t.db.status() {
+                Some(s)
+                    if s["agent_pid"].as_u64() == Some(pid as u64)
+                        && s["applied_state_sha256"].as_str() == Some(sha.as_str()) =>
+                {
+                    break s
+                }
+                _ => {}
+            }
+        };
+        let run_dir = status["run_dir"].as_str().expect("run_dir").to_string();
+        let socket =
+            t.db.cmd("test")
+                .args(["-S", &format!("{run_dir}/monitor.sock")])
+                .status()
+                .expect("test -S");
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let exit = agent.child.wait().expect("wait");
+        assert!(
+            socket.success(),
+            "round {round}: applied before the monitor socket existed"
+        );
+        assert!(
+            exit.success(),
+            "round {round}: SIGTERM right after applied ended the agent with {exit}:\n{}",
+            agent.log_text()
+        );
+        assert!(
+            agent.log_text().contains("stopping"),
+            "round {round}: {}",
+            agent.log_text()
+        );
+    }
+}

@@ -152,6 +152,8 @@ pub struct Agent {
     notifier: crate::notify::Notifier,
     /// What the agent knows of etcd, when it follows etcd.
     etcd_view: Option<etcd::EtcdView>,
+    /// Signals caught since the first state was read, for the loop to take (`run`).
+    signals: Option<watch::Signals>,
 }
 
 impl Agent {
@@ -205,6 +207,8 @@ impl Agent {
             First::File(_, state) | First::Etcd { state, .. } => check_attach(&opts.attach, state)?,
             First::Unreachable(_) => {}
         }
+        // From here a stop waits for the loop: the start runs to its end first.
+        let signals = watch::catch_signals()?;
         std::fs::create_dir_all(&opts.run_dir)
             .map_err(io(format!("creating {}", opts.run_dir.display())))?;
         let lock = persist::lock(&opts.run_dir, &opts.pin_dir)?;
@@ -238,6 +242,7 @@ impl Agent {
             stats: status::AgentStats::default(),
             notifier: crate::notify::Notifier::from_env(),
             etcd_view: None,
+            signals: Some(signals),
             _lock: lock,
             known,
             orphans: BTreeMap::new(),
@@ -260,6 +265,17 @@ impl Agent {
             seen: None,
         };
         agent.seen = seen;
+        // The monitor socket opens before the first status says "applied".
+        let reader = ring::Reader::open(
+            &agent.opts.pin_dir,
+            &agent.opts.run_dir,
+            agent.labels.clone(),
+            agent.flow_log.clone(),
+        )
+        .map_err(io("reading the flow event ring"))?;
+        let reader = Arc::new(Mutex::new(reader));
+        ring::spawn_reader(reader.clone());
+        agent.reader = Some(reader);
         match first {
             First::File(doc, state) => agent.apply(state, reconcile::Content::Document(doc))?,
             First::Etcd {
@@ -298,17 +314,7 @@ impl Agent {
                 agent.write_status();
             }
         }
-        let reader = ring::Reader::open(
-            &agent.opts.pin_dir,
-            &agent.opts.run_dir,
-            agent.labels.clone(),
-            agent.flow_log.clone(),
-        )
-        .map_err(io("reading the flow event ring"))?;
-        let reader = Arc::new(Mutex::new(reader));
-        ring::spawn_reader(reader.clone());
-        agent.reader = Some(reader);
-        // Last: its grace period must not delay the monitor socket the reader opens.
+        // Last: its grace period must not delay anything the status promises.
         agent.refresh_seen();
         Ok(agent)
     }
@@ -316,7 +322,9 @@ impl Agent {
     /// Runs until SIGINT or SIGTERM; enforcement stays in place afterwards.
     pub fn run(mut self) -> Result<(), AgentError> {
         let (tx, rx) = mpsc::channel();
-        watch::spawn_signals(tx.clone())?;
+        if let Some(signals) = self.signals.take() {
+            watch::spawn_signals(signals, tx.clone());
+        }
         match &self.opts.etcd {
             None => watch::spawn_watcher(&self.opts.state, tx),
             Some(e) => {

@@ -5,6 +5,8 @@
 
 use std::{path::Path, sync::mpsc};
 
+pub(super) use signal_hook::iterator::Signals;
+
 use super::{io, AgentError, Event};
 use crate::sys;
 
@@ -17,10 +19,16 @@ pub(super) fn identity(path: &Path) -> Option<FileIdentity> {
     Some((m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
 }
 
-pub(super) fn spawn_signals(tx: mpsc::Sender<Event>) -> Result<(), AgentError> {
+/// Catches SIGINT, SIGTERM and SIGHUP from now on: one that arrives before the loop runs
+/// waits for it, instead of ending the agent by the default action half-way through.
+pub(super) fn catch_signals() -> Result<Signals, AgentError> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
-        .map_err(io("installing signal handlers"))?;
+    Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(io("installing signal handlers"))
+}
+
+/// Turns the signals caught since [`catch_signals`] into the loop's events.
+pub(super) fn spawn_signals(mut signals: Signals, tx: mpsc::Sender<Event>) {
+    use signal_hook::consts::SIGHUP;
     std::thread::spawn(move || {
         for sig in signals.forever() {
             let ev = if sig == SIGHUP {
@@ -33,7 +41,6 @@ pub(super) fn spawn_signals(tx: mpsc::Sender<Event>) -> Result<(), AgentError> {
             }
         }
     });
-    Ok(())
 }
 
 /// Watches the state file's directory with inotify: in-place writes (on close), renames
