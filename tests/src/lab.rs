@@ -230,9 +230,11 @@ impl Host {
         agent: &mut AgentProc,
         done: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
+        // A start is mostly verifying three programs; several agents starting at once on
+        // a busy 2-core VM took over 20 s (one alone took 11 s on such a day).
         wait_for(
             &format!("{} to {what}", self.name),
-            Duration::from_secs(20),
+            Duration::from_secs(90),
             || {
                 if let Ok(Some(st)) = agent.child.try_wait() {
                     panic!(

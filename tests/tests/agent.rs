@@ -752,7 +752,7 @@ fn a_stop_the_moment_the_state_is_applied_is_a_clean_stop() {
             t.db.start_agent(&state, &["--flow-log", flow_log.to_str().unwrap()], &log);
         let pid = agent.child.id();
         // No pause between polls: the first status that says applied is acted on.
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(90);
         let status = loop {
             if let Ok(Some(st)) = agent.child.try_wait() {
                 panic!("sg-agent exited ({st}):\n{}", agent.log_text());
