@@ -231,7 +231,9 @@ fn a_fleet_follows_etcd_publish_is_exact_and_an_eni_joins_and_leaves() {
     // A restarted agent enforces the pinned state at once, even with etcd down.
     db.stop();
     let mut db = start_agent(&t.db, &etcd, &dir.path("db2.log"));
-    wait_for("the restarted agent", Duration::from_secs(10), || {
+    // Its start verifies three programs: 11 s for one agent on a busy day (a deadline only
+    // bounds a failure).
+    wait_for("the restarted agent", Duration::from_secs(90), || {
         let s = t.db.status()?;
         (s["agent_pid"].as_u64() == Some(db.child.id() as u64)).then_some(())
     });
